@@ -1,0 +1,317 @@
+"""Make the offline datasets OPAL learns from, without a network connection.
+
+OPAL (Ajay et al., ICLR 2021) learns primitives from *undirected* data: trajectories that wander
+through the environment without a single task in mind. D4RL made such data for its mazes with a
+waypoint planner and a noisy PD controller chasing random goals (Fu et al., 2020, maze2d / antmaze).
+This script follows that recipe for PointMaze and writes the result into the local Minari store with
+the same schema as the D4RL datasets, so every OPAL script reads it exactly like `D4RL/antmaze/*`.
+
+Kinds of data:
+  diverse  the D4RL recipe: a continuing task, a new random goal cell whenever the current one is
+           reached, Gaussian action noise; episodes of fixed length (OPAL's pre-training data).
+  expert   demonstrations from the evaluation reset cell to the evaluation goal cell (few-shot imitation).
+  random   uniformly random actions in the real environment, for any alias including antmaze and
+           kitchen: tiny stand-ins with the D4RL keys and shapes, used by the tests.
+
+Run:    python collect_data.py --env pointmaze-large                 # 1,000,000 steps, a few minutes
+        python collect_data.py --env pointmaze-large --kind expert --episodes 10
+Writes: $MINARI_DATASETS_PATH/<dataset id>/  (default ~/.minari/datasets), e.g. opal/pointmaze-large-diverse-v0
+"""
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import gymnasium_robotics
+import minari
+import numpy as np
+import tyro
+from gymnasium_robotics.envs.maze import maps
+from minari.data_collector import EpisodeBuffer
+from tqdm import tqdm
+
+gym.register_envs(gymnasium_robotics)
+
+
+@dataclass
+class Args:
+    env: Literal[
+        "pointmaze-umaze", "pointmaze-medium", "pointmaze-large",
+        "antmaze-umaze", "antmaze-medium", "antmaze-large", "kitchen",
+    ] = "pointmaze-large"
+    """which environment to collect in (antmaze-* and kitchen only with --kind random)"""
+    kind: Literal["diverse", "expert", "random"] = "diverse"
+    """diverse: D4RL-style undirected data; expert: demonstrations of the evaluation task; random: random actions"""
+    dataset_id: Optional[str] = None
+    """Minari id to write; default opal/<env>-<kind>-v0"""
+    steps: Optional[int] = None
+    """total environment steps (diverse, random); default 1,000,000 for diverse, 10,000 for random"""
+    episode_length: int = 1000
+    """steps per episode for diverse and random data (D4RL antmaze uses 1000)"""
+    episodes: int = 10
+    """number of demonstrations for --kind expert"""
+    action_noise: float = 0.2
+    """std of the Gaussian noise added to the PD controller's action (our choice; D4RL's noisy maze2d used 0.5)"""
+    seed: int = 0
+    """seed of the environment and of the noise"""
+    overwrite: bool = False
+    """replace an existing dataset with the same id"""
+
+
+# Evaluation maps as D4RL defines them: reset cell top-left, goal cell bottom-right (row, column).
+MAZES = {
+    "umaze": dict(maze_map=maps.U_MAZE, reset_cell=(1, 1), goal_cell=(3, 1)),
+    "medium": dict(maze_map=maps.MEDIUM_MAZE, reset_cell=(1, 1), goal_cell=(6, 6)),
+    "large": dict(maze_map=maps.LARGE_MAZE, reset_cell=(1, 1), goal_cell=(7, 9)),
+}
+POINT_IDS = {"umaze": "PointMaze_UMaze-v3", "medium": "PointMaze_Medium-v3", "large": "PointMaze_Large-v3"}
+ANT_IDS = {"umaze": "AntMaze_UMaze-v4", "medium": "AntMaze_Medium_Diverse_GR-v4", "large": "AntMaze_Large_Diverse_GR-v4"}
+KITCHEN_TASKS = ["microwave", "kettle", "bottom burner", "light switch"]  # D4RL kitchen-mixed/partial tasks
+PD_GAINS = (10.0, -1.0)  # p on the position error, d on the velocity: the D4RL maze2d controller's gains
+SUCCESS_RADIUS = 0.45
+
+
+def eval_map(maze_map, reset_cell, goal_cell):
+    """The evaluation map: one reset cell 'r' and one goal cell 'g', as in D4RL's evaluation tasks."""
+    rows = [list(row) for row in maze_map]
+    rows[reset_cell[0]][reset_cell[1]] = "r"
+    rows[goal_cell[0]][goal_cell[1]] = "g"
+    return rows
+
+
+def env_specs(args: Args, episode_length: int):
+    """(data env, eval env) for this alias; the eval env's spec is what every OPAL script evaluates on."""
+    family, _, size = args.env.partition("-")
+    if family == "kitchen":
+        make = dict(id="FrankaKitchen-v1", tasks_to_complete=KITCHEN_TASKS)
+        return gym.make(**make, max_episode_steps=episode_length), gym.make(**make)
+    maze = MAZES[size]
+    env_id = POINT_IDS[size] if family == "pointmaze" else ANT_IDS[size]
+    data_env = gym.make(env_id, maze_map=maze["maze_map"], continuing_task=True, reset_target=True,
+                        max_episode_steps=episode_length)
+    if args.kind == "expert":  # demonstrations end when the goal is reached
+        data_env = gym.make(env_id, maze_map=eval_map(**maze), continuing_task=False,
+                            max_episode_steps=episode_length)
+    eval_env = gym.make(env_id, maze_map=eval_map(**maze), continuing_task=True, reset_target=False)
+    return data_env, eval_env
+
+
+class WaypointPlanner:
+    """Shortest paths over the free cells of a maze grid (breadth-first search from every goal cell)."""
+
+    def __init__(self, maze_map):
+        self.free = [(r, c) for r, row in enumerate(maze_map) for c, v in enumerate(row) if v != 1]
+        self.next_cell = {goal: self._bfs(goal, set(self.free)) for goal in self.free}
+
+    @staticmethod
+    def _bfs(goal, free):
+        """next_cell[cell]: the neighbour of `cell` one step closer to `goal`."""
+        step_towards = {goal: goal}
+        frontier = deque([goal])
+        while frontier:
+            cell = frontier.popleft()
+            for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                neighbour = (cell[0] + dr, cell[1] + dc)
+                if neighbour in free and neighbour not in step_towards:
+                    step_towards[neighbour] = cell
+                    frontier.append(neighbour)
+        return step_towards
+
+
+def pd_action(maze, planner, xy, velocity, goal_xy, rng, noise):
+    """PD control toward the centre of the next cell on the shortest path (the goal itself in its cell).
+
+    Any point of a cell and the centre of a neighbouring cell span a segment inside those two cells,
+    so chasing the next cell's centre never drives the ball into a wall corner.
+    """
+    cell = tuple(int(v) for v in maze.cell_xy_to_rowcol(xy))
+    goal_cell = tuple(int(v) for v in maze.cell_xy_to_rowcol(goal_xy))
+    if cell == goal_cell or cell not in planner.next_cell[goal_cell]:
+        target = goal_xy
+    else:
+        target = maze.cell_rowcol_to_xy(np.array(planner.next_cell[goal_cell][cell]))
+    action = PD_GAINS[0] * (target - xy) + PD_GAINS[1] * velocity
+    action = action + noise * rng.standard_normal(2)
+    return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+
+def simulator(env):
+    inner = env.unwrapped
+    return getattr(inner, "point_env", None) or getattr(inner, "ant_env", None)
+
+
+def run_episode(env, policy, seed, options=None, max_steps=None):
+    """One episode as an EpisodeBuffer with D4RL's infos (success, qpos, qvel, goal; one row per observation)."""
+    obs, info = env.reset(seed=seed, options=options)
+    sim = simulator(env)
+    observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
+    infos = {"success": [info.get("success", False)]}
+    if sim is not None:
+        infos.update(qpos=[sim.data.qpos.copy()], qvel=[sim.data.qvel.copy()], goal=[obs["desired_goal"]])
+    while True:
+        action = policy(obs)
+        obs, reward, terminated, truncated, info = env.step(action)
+        truncated = truncated or (max_steps is not None and len(actions) + 1 >= max_steps)
+        observations.append(obs)
+        actions.append(action)
+        rewards.append(reward)
+        terminations.append(terminated)
+        truncations.append(truncated)
+        infos["success"].append(info.get("success", False))
+        if sim is not None:
+            infos["qpos"].append(sim.data.qpos.copy())
+            infos["qvel"].append(sim.data.qvel.copy())
+            infos["goal"].append(obs["desired_goal"])
+        if terminated or truncated:
+            break
+    return EpisodeBuffer(
+        id=None, seed=seed, observations=stack_tree(observations), actions=np.stack(actions).astype(np.float32),
+        rewards=np.asarray(rewards, dtype=np.float64), terminations=np.asarray(terminations),
+        truncations=np.asarray(truncations), infos={k: np.asarray(v) for k, v in infos.items()},
+    )
+
+
+def stack_tree(items):
+    if isinstance(items[0], dict):
+        return {key: stack_tree([item[key] for item in items]) for key in items[0]}
+    return np.stack(items)
+
+
+def collect(args: Args):
+    """Episodes for args.kind; returns (buffers, data env, eval env)."""
+    total_steps = args.steps if args.steps is not None else (1_000_000 if args.kind == "diverse" else 10_000)
+    episode_length = min(args.episode_length, total_steps)
+    data_env, eval_env = env_specs(args, episode_length)
+    rng = np.random.default_rng(args.seed)
+    data_env.action_space.seed(args.seed)
+    family, _, size = args.env.partition("-")
+    if args.kind == "random":
+        policy = lambda obs: data_env.action_space.sample()
+    else:
+        if family != "pointmaze":
+            raise SystemExit(f"--kind {args.kind} is implemented for pointmaze only; use --kind random for {args.env}.")
+        maze = data_env.unwrapped.maze
+        planner = WaypointPlanner(MAZES[size]["maze_map"])
+        noise = args.action_noise if args.kind == "diverse" else 0.1 * args.action_noise
+        policy = lambda obs: pd_action(maze, planner, obs["achieved_goal"], obs["observation"][2:4],
+                                       obs["desired_goal"], rng, noise)
+
+    buffers = []
+    if args.kind == "expert":
+        options = {"reset_cell": np.array(MAZES[size]["reset_cell"]), "goal_cell": np.array(MAZES[size]["goal_cell"])}
+        for episode in tqdm(range(args.episodes), desc="demonstrations"):
+            buffers.append(run_episode(data_env, policy, seed=args.seed + episode, options=options))
+        return buffers, data_env, eval_env
+    with tqdm(total=total_steps, desc=f"{args.kind} {args.env}", unit="step") as progress:
+        steps = 0
+        while steps < total_steps:
+            buffer = run_episode(data_env, policy, seed=args.seed + len(buffers),
+                                 max_steps=min(episode_length, total_steps - steps))
+            buffers.append(buffer)
+            steps += len(buffer.rewards)
+            progress.update(len(buffer.rewards))
+    return buffers, data_env, eval_env
+
+
+def verify(dataset, buffers, maze=None):
+    """Read the written dataset back and check it; raises ValueError naming the first problem."""
+    expected_steps = sum(len(b.rewards) for b in buffers)
+    if dataset.total_episodes != len(buffers) or dataset.total_steps != expected_steps:
+        raise ValueError(f"wrote {dataset.total_episodes} episodes / {dataset.total_steps} steps, "
+                         f"expected {len(buffers)} / {expected_steps}")
+    for episode in dataset.iterate_episodes():
+        arrays = [episode.actions, episode.rewards] + list(_leaves(episode.observations))
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise ValueError(f"episode {episode.id} contains NaN or inf")
+        if maze is None:
+            continue
+        xy = episode.observations["achieved_goal"]
+        if np.abs(xy[:, 0]).max() > maze.x_map_center or np.abs(xy[:, 1]).max() > maze.y_map_center:
+            raise ValueError(f"episode {episode.id} leaves the maze")
+        if len(xy) > 1 and np.linalg.norm(np.diff(xy, axis=0), axis=1).max() > 0.5 * maze.maze_size_scaling:
+            raise ValueError(f"episode {episode.id}: achieved_goal jumps, a reset inside an episode")
+        if episode.infos["qpos"].shape[0] != len(xy):
+            raise ValueError(f"episode {episode.id}: infos qpos has {episode.infos['qpos'].shape[0]} rows, "
+                             f"expected one per observation ({len(xy)})")
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    else:
+        yield tree
+
+
+def write_dataset(args: Args, dataset_id: str, buffers, data_env, eval_env):
+    """Write into a staging store, verify, then move into place, so a failure leaves no half dataset."""
+    store = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+    final_path = store / dataset_id
+    if final_path.exists() and not args.overwrite:
+        raise SystemExit(f"Dataset {dataset_id} already exists at {final_path}; pass --overwrite to replace it.")
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        staging = store / f".staging-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as error:
+        raise SystemExit(f"Cannot write to the Minari store {store} ({error.strerror}). "
+                         "Set MINARI_DATASETS_PATH to a writable folder.")
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(staging)
+    try:
+        dataset = minari.create_dataset_from_buffers(
+            dataset_id=dataset_id, buffer=buffers, env=data_env, eval_env=eval_env.spec,
+            algorithm_name=f"opal collect_data.py --kind {args.kind}", author="opal",
+            author_email="opal@example.invalid", code_permalink="collect_data.py",
+            ref_min_score=0.0 if "maze" in args.env else None, ref_max_score=1.0 if "maze" in args.env else None,
+            description=f"{args.kind} data for {args.env} (seed {args.seed}, action noise {args.action_noise})",
+            data_format="hdf5",
+        )
+        maze = getattr(data_env.unwrapped, "maze", None)
+        verify(dataset, buffers, maze)
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        namespace = dataset_id.rsplit("/", 1)[0] if "/" in dataset_id else None
+        if namespace and (staging / namespace / "namespace_metadata.json").exists():
+            metadata = final_path.parent / "namespace_metadata.json"
+            if not metadata.exists():
+                shutil.copy(staging / namespace / "namespace_metadata.json", metadata)
+        if final_path.exists():
+            shutil.rmtree(final_path)
+        os.replace(staging / dataset_id, final_path)
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+        shutil.rmtree(staging, ignore_errors=True)
+    return final_path
+
+
+def main(args: Args):
+    if args.kind != "random" and not args.env.startswith("pointmaze"):
+        raise SystemExit(f"--kind {args.kind} is implemented for pointmaze only; use --kind random for {args.env}.")
+    for name in ("steps", "episode_length", "episodes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    dataset_id = args.dataset_id or f"opal/{args.env}-{args.kind}-v0"
+    start = time.time()
+    buffers, data_env, eval_env = collect(args)
+    seconds = time.time() - start
+    steps = sum(len(b.rewards) for b in buffers)
+    path = write_dataset(args, dataset_id, buffers, data_env, eval_env)
+    successes = sum(bool(b.infos["success"].any()) for b in buffers)
+    print(f"wrote {dataset_id}: {len(buffers)} episodes, {steps} steps "
+          f"({steps / seconds:,.0f} steps/s collecting, {time.time() - start:.0f} s in all), "
+          f"{successes} episodes reach a goal; at {path}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
