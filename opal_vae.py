@@ -1,0 +1,621 @@
+"""OPAL, step 1: learn a latent space of temporally extended primitives from undirected offline data.
+
+A β-VAE reads length-c sub-trajectories τ = (s_0, a_0, ..., s_{c-1}, a_{c-1}) of the dataset. Its encoder
+q_φ(z|τ) compresses τ into a latent z, its decoder, the primitive policy π_θ(a|s,z), must reproduce every
+action of τ from z, and a prior ρ_ω(z|s_0) must predict z from the first state alone (Ajay et al., ICLR 2021,
+Eq. (1)-(2)):
+    max  E_τ E_{z~q(z|τ)} [ Σ_{t<c} log π_θ(a_t|s_t,z) ]  -  β · KL( q_φ(z|τ) || ρ_ω(z|s_0) )
+Then, as the paper does before using the primitives, the encoder's posterior mean relabels each window and the
+primitive policy is fine-tuned by behaviour cloning on (s_t, a_t, z).
+
+Run:    python opal_vae.py                                   # pointmaze-large, made offline if missing
+        python opal_vae.py --env antmaze-large-diverse       # D4RL data through Minari (needs internet once)
+Reads:  a Minari dataset (--env alias or --dataset-id)
+Writes: runs/opal_vae__<env>__<seed>__<time>/  opal_vae.pt (the checkpoint every other OPAL script loads),
+        primitives.png, TensorBoard events, config.json
+"""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import gymnasium_robotics
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+gym.register_envs(gymnasium_robotics)
+
+
+@dataclass
+class Args:
+    exp_name: str = "opal_vae"
+    """name of this experiment, the first part of the run directory's name"""
+    seed: int = 1
+    """seed of torch, numpy and the batch sampler"""
+    env: str = "pointmaze-large"
+    """dataset alias: antmaze-medium-diverse, antmaze-large-diverse, kitchen-mixed, kitchen-partial,
+    pointmaze-umaze, pointmaze-medium, pointmaze-large (pointmaze data is generated offline when missing)"""
+    dataset_id: Optional[str] = None
+    """any Minari dataset id, local or remote; overrides --env"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without an account)"""
+    wandb_project_name: str = "opal"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    runs_dir: str = "runs"
+    """folder that receives the run directory"""
+    save_every: int = 5000
+    """write the checkpoint every this many gradient steps (and always at the end or on Ctrl-C)"""
+    log_every: int = 100
+    """log losses and steps/s every this many gradient steps"""
+
+    # OPAL's β-VAE; defaults are the paper's (Ajay et al. 2021, appendix) unless marked "ours"
+    c: int = 10
+    """primitive length: steps per sub-trajectory (paper: 10)"""
+    latent_dim: int = 8
+    """dimension of the latent z (paper: 8)"""
+    beta: float = 0.1
+    """weight β of KL(q(z|τ) || ρ(z|s0)) (paper: 0.1)"""
+    hidden_dim: int = 200
+    """width of every hidden layer and of the GRU (paper: 200)"""
+    gru_layers: int = 4
+    """layers of the encoder's bidirectional GRU (paper: 4)"""
+    learning_rate: float = 1e-3
+    """Adam learning rate of the β-VAE and of BC fine-tuning (paper: 1e-3)"""
+    batch_size: Optional[int] = None
+    """sub-trajectories per gradient step; default: the paper's 50 for D4RL aliases, 256 otherwise (ours: faster on CPU)"""
+    num_steps: Optional[int] = None
+    """β-VAE gradient steps; default: the paper's 100 epochs over all windows for D4RL aliases,
+    4,000 at batch 256 for pointmaze (ours: about 20 minutes on 2 CPU cores)"""
+    bc_steps: Optional[int] = None
+    """gradient steps of BC fine-tuning of the primitive policy on (s_t, a_t, z); default num_steps // 10 (ours)"""
+    picture_latents: int = 8
+    """latents drawn from the prior per start state in primitives.png"""
+
+
+# --- shared: datasets ---
+ENV_ALIASES = {
+    "antmaze-medium-diverse": "D4RL/antmaze/medium-diverse-v1",
+    "antmaze-large-diverse": "D4RL/antmaze/large-diverse-v1",
+    "kitchen-mixed": "D4RL/kitchen/mixed-v2",
+    "kitchen-partial": "D4RL/kitchen/partial-v2",
+    "pointmaze-umaze": "opal/pointmaze-umaze-diverse-v0",
+    "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
+    "pointmaze-large": "opal/pointmaze-large-diverse-v0",
+}
+GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large))-(diverse|expert)-v0")
+
+
+def fail(message: str):
+    """Stop with one readable paragraph instead of a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def resolve_dataset_id(env: str, dataset_id: Optional[str]) -> str:
+    if dataset_id:
+        return dataset_id
+    if env not in ENV_ALIASES:
+        fail(f"unknown --env {env!r}. Valid aliases: {', '.join(ENV_ALIASES)}; or pass any Minari id with --dataset-id.")
+    return ENV_ALIASES[env]
+
+
+def load_minari_dataset(dataset_id: str):
+    """The dataset from the local Minari store; pointmaze data is generated, D4RL data downloaded."""
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except Exception as error:  # a folder that exists but does not read as a dataset
+        fail(f"the local copy of {dataset_id} cannot be read ({type(error).__name__}: {error}). Delete it and retry.")
+    generated = GENERATED.fullmatch(dataset_id)
+    if generated:
+        collector = Path(__file__).with_name("collect_data.py")
+        print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} (a few minutes)")
+        if not collector.exists():
+            fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
+        command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2]]
+        if subprocess.run(command).returncode != 0:
+            fail(f"generating {dataset_id} failed (command: {' '.join(command)}); its output is above.")
+        return minari.load_dataset(dataset_id)
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except ImportError:
+        fail(f"{dataset_id} is not stored locally and downloading it needs huggingface_hub: "
+             "pip install 'minari[hf]' (requirements.txt has it).")
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        fail(f"{dataset_id} is not stored locally and could not be downloaded ({reason}). "
+             f"If you are offline, download it elsewhere with `minari download {dataset_id}` and copy the folder "
+             f"into {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}, or train on data made here: "
+             "--env pointmaze-large. If the id is mistyped, `minari list remote` shows the valid ones.")
+
+
+def observation_layout(dataset) -> list:
+    """Keys of a dict observation, concatenated in this order, that give the state D4RL used."""
+    space = dataset.observation_space
+    if not isinstance(space, gym.spaces.Dict):
+        return []
+    env_id = dataset.env_spec.id if dataset.env_spec is not None else ""
+    if "AntMaze" in env_id:
+        return ["achieved_goal", "observation"]  # D4RL antmaze state: torso x,y + 27-d observation = 29-d
+    if "observation" in space.spaces:
+        return ["observation"]  # pointmaze: x, y, vx, vy; kitchen: the 59-d robot and object state
+    return sorted(k for k, v in space.spaces.items() if isinstance(v, gym.spaces.Box))
+
+
+def flatten_observation(observation, layout: list) -> np.ndarray:
+    if not layout:
+        return np.asarray(observation, dtype=np.float32)
+    return np.concatenate([np.asarray(observation[k], dtype=np.float32) for k in layout], axis=-1)
+
+
+def load_flat_dataset(dataset, layout: list, device) -> dict:
+    """All episodes as flat tensors, T+1 rows per episode: row t holds s_t, a_t, r_t (a, r padded at t = T)."""
+    columns = {"observations": [], "actions": [], "rewards": [], "terminations": [], "achieved_goal": [],
+               "qpos": [], "qvel": []}
+    lengths = []
+    for episode in dataset.iterate_episodes():
+        steps = len(episode.actions)
+        lengths.append(steps)
+        pad = lambda x: np.concatenate([x, np.zeros_like(x[:1])], axis=0)
+        columns["observations"].append(flatten_observation(episode.observations, layout))
+        columns["actions"].append(pad(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1)))
+        columns["rewards"].append(pad(np.asarray(episode.rewards, dtype=np.float32)))
+        columns["terminations"].append(pad(np.asarray(episode.terminations, dtype=np.float32)))
+        if isinstance(episode.observations, dict) and "achieved_goal" in episode.observations:
+            columns["achieved_goal"].append(np.asarray(episode.observations["achieved_goal"], dtype=np.float32))
+        for key in ("qpos", "qvel"):
+            if key in (episode.infos or {}) and len(episode.infos[key]) == steps + 1:
+                columns[key].append(np.asarray(episode.infos[key], dtype=np.float64))
+    data = {k: torch.as_tensor(np.concatenate(v)).to(device) for k, v in columns.items() if len(v) == len(lengths)}
+    data["episode_lengths"] = torch.as_tensor(lengths, dtype=torch.long)
+    for key, value in data.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            fail(f"the dataset's {key} contain NaN or inf; OPAL cannot learn from them.")
+    return data
+
+
+def window_starts(episode_lengths: torch.Tensor, c: int, stride: int = 1) -> torch.Tensor:
+    """Flat row of s_0 of every length-c window (s_t, a_t)_{t<c}, with s_c in the same episode.
+
+    Episode e owns rows offset_e .. offset_e + T_e (T_e + 1 observations). Its windows start at
+    t = 0, stride, ... while t + c <= T_e, so no window crosses an episode boundary and episodes
+    shorter than c contribute none. Pure index arithmetic, no loop over samples.
+    """
+    lengths = episode_lengths.long()
+    offsets = torch.cumsum(lengths + 1, 0) - (lengths + 1)
+    per_episode = torch.where(lengths >= c, (lengths - c) // stride + 1, torch.zeros_like(lengths))
+    episode = torch.repeat_interleave(torch.arange(len(lengths)), per_episode)
+    first_of_episode = torch.cumsum(per_episode, 0) - per_episode
+    rank = torch.arange(int(per_episode.sum())) - first_of_episode[episode]
+    return offsets[episode] + rank * stride
+# --- end shared ---
+
+
+# --- shared: networks ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # clamp of every Gaussian's log-std (ours; keeps likelihoods finite)
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 2) -> nn.Sequential:
+    layers, width = [], in_dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+        width = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+class Normalizer(nn.Module):
+    """Standardises states with the dataset's mean and std (ours); stored in every state dict."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, states: torch.Tensor):
+        self.mean.copy_(states.mean(0))
+        self.std.copy_(states.std(0).clamp_min(1e-3))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return (states - self.mean) / self.std
+
+
+def gaussian_head(output: torch.Tensor):
+    mean, log_std = output.chunk(2, dim=-1)
+    return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+class Encoder(nn.Module):
+    """q_φ(z|τ): an MLP embeds each (s_t, a_t), a bidirectional GRU reads the c embeddings, a Gaussian comes out."""
+
+    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200, gru_layers=4):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.embed = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU())
+        self.gru = nn.GRU(hidden_dim, hidden_dim, num_layers=gru_layers, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(2 * hidden_dim, 2 * latent_dim)
+
+    def forward(self, states, actions):  # (B, c, obs_dim), (B, c, act_dim) -> mean, log_std of z
+        _, final_hidden = self.gru(self.embed(torch.cat([self.normalize(states), actions], -1)))
+        # last layer's final forward state (after s_{c-1}) and final backward state (after s_0)
+        return gaussian_head(self.head(torch.cat([final_hidden[-2], final_hidden[-1]], -1)))
+
+
+class Prior(nn.Module):
+    """ρ_ω(z|s_0): which primitives are plausible from the first state."""
+
+    def __init__(self, obs_dim, latent_dim, hidden_dim=200):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim, hidden_dim, 2 * latent_dim)
+
+    def forward(self, first_states):
+        return gaussian_head(self.net(self.normalize(first_states)))
+
+
+class PrimitivePolicy(nn.Module):
+    """π_θ(a|s,z): the decoder; one z drives c consecutive actions."""
+
+    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim + latent_dim, hidden_dim, 2 * act_dim)
+
+    def forward(self, states, latents):
+        return gaussian_head(self.net(torch.cat([self.normalize(states), latents], -1)))
+
+
+def gaussian_log_prob(x, mean, log_std):
+    """log N(x; mean, diag(exp(log_std))^2), summed over the last dimension."""
+    return (-0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def gaussian_kl(mean_q, log_std_q, mean_p, log_std_p):
+    """KL(N_q || N_p) of diagonal Gaussians, summed over the last dimension."""
+    var_q, var_p = (2 * log_std_q).exp(), (2 * log_std_p).exp()
+    return (log_std_p - log_std_q + (var_q + (mean_q - mean_p) ** 2) / (2 * var_p) - 0.5).sum(-1)
+# --- end shared ---
+
+
+def beta_vae_loss(encoder, prior, primitive_policy, states, actions, beta, noise=None):
+    """Eq. (1) of the paper, negated and averaged over a batch of windows; returns (loss, nll, kl).
+
+    states, actions: (B, c, ·). noise: the reparameterisation ε ~ N(0, I) of shape (B, latent_dim).
+    """
+    mean_q, log_std_q = encoder(states, actions)
+    noise = torch.randn_like(mean_q) if noise is None else noise
+    latents = mean_q + log_std_q.exp() * noise  # z ~ q(z|τ), reparameterised
+    mean_a, log_std_a = primitive_policy(states, latents.unsqueeze(1).expand(-1, states.shape[1], -1))
+    reconstruction_nll = -gaussian_log_prob(actions, mean_a, log_std_a).sum(1)  # -Σ_{t<c} log π(a_t|s_t,z)
+    kl = gaussian_kl(mean_q, log_std_q, *prior(states[:, 0]))  # KL(q(z|τ) || ρ(z|s_0))
+    return (reconstruction_nll + beta * kl).mean(), reconstruction_nll.mean(), kl.mean()
+
+
+# --- shared: checkpoint ---
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def library_versions() -> dict:
+    import mujoco
+    return {"torch": torch.__version__, "gymnasium": gym.__version__, "minari": minari.__version__,
+            "mujoco": mujoco.__version__, "numpy": np.__version__}
+
+
+def save_checkpoint(path: Path, payload: dict):
+    """Atomic: write a temporary file beside the target, then rename it over the target."""
+    payload = {"format": "opal", "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(), **payload}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, script: str) -> dict:
+    """Load a checkpoint written by `script` (e.g. "opal_vae") or stop with a message saying what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{script}.pt"
+    if not path.is_file():
+        fail(f"checkpoint {path} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        fail(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a torch file ({type(error).__name__}).")
+    if not isinstance(payload, dict) or payload.get("format") != "opal":
+        fail(f"{path} is a torch file but not an OPAL checkpoint.")
+    if payload.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
+        fail(f"{path} has checkpoint format {payload['format_version']}, newer than this script's "
+             f"{CHECKPOINT_FORMAT_VERSION}: update the script.")
+    if payload.get("script") != script:
+        fail(f"{path} was written by {payload.get('script')}.py, but a {script}.py checkpoint is needed here.")
+    return payload
+
+
+def check_checkpoint(payload: dict, path, **expected):
+    """Refuse a checkpoint whose fields differ from what this run expects, naming the first that differs."""
+    for field, value in expected.items():
+        if payload.get(field) != value:
+            fail(f"{path} does not fit this run: its {field} is {payload.get(field)!r}, this run has {value!r}.")
+# --- end shared ---
+
+
+# --- evaluation ---
+@torch.no_grad()
+def rollout_error(env, layout, data, starts, encoder, prior, primitive_policy, c, windows=64, seed=0):
+    """Closed-loop check of the primitives: from a dataset state, run π(a|s,z) with z = the encoder mean of
+    the dataset's window for c steps in the real simulator, and measure how far the end point lands from the
+    dataset's s_c (xy). The same with z = the prior's mean at s_0 says how much the encoder's z adds.
+    Returns (xy error with the encoder's z, with the prior's mean, xy distance the data moved), or None
+    when the dataset lacks qpos/qvel infos."""
+    sim = getattr(env.unwrapped, "point_env", None) or getattr(env.unwrapped, "ant_env", None)
+    if sim is None or "qpos" not in data or "achieved_goal" not in data:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    chosen = starts[torch.randint(len(starts), (windows,), generator=generator)]
+    rows = chosen.cpu()[:, None] + torch.arange(c)
+    encoder_z, _ = encoder(data["observations"][rows], data["actions"][rows])
+    prior_z, _ = prior(data["observations"][chosen])
+    env.reset(seed=seed)
+    low, high = env.action_space.low, env.action_space.high
+    goal = data["achieved_goal"]
+    errors = {"encoder": [], "prior": []}
+    for name, latents in (("encoder", encoder_z), ("prior", prior_z)):
+        for i, row in enumerate(chosen.tolist()):
+            sim.set_state(data["qpos"][row].cpu().numpy(), data["qvel"][row].cpu().numpy())
+            state = data["observations"][row]
+            for _ in range(c):
+                action, _ = primitive_policy(state[None], latents[i : i + 1])
+                obs, *_ = env.step(np.clip(action[0].cpu().numpy(), low, high))
+                state = torch.as_tensor(flatten_observation(obs, layout), device=latents.device)
+            errors[name].append(np.linalg.norm(obs["achieved_goal"] - goal[row + c].cpu().numpy()))
+    moved = (goal[chosen + c] - goal[chosen]).norm(dim=-1).mean()
+    return float(np.mean(errors["encoder"])), float(np.mean(errors["prior"])), float(moved)
+
+
+@torch.no_grad()
+def draw_primitives(env, layout, prior, primitive_policy, c, path, latents=8, chain=5, starts=6, seed=0):
+    """primitives.png: from a few start cells, `latents` coloured xy paths; each path chains `chain` primitives,
+    drawing z ~ ρ(z|s) afresh every c steps (dots mark the switches), so one sees where the prior's primitives lead."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maze = env.unwrapped.maze
+    free = [(r, col) for r, row in enumerate(maze.maze_map) for col, v in enumerate(row) if v != 1]
+    picked = [free[i] for i in np.linspace(0, len(free) - 1, starts).astype(int)]
+    device = next(prior.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    low, high = env.action_space.low, env.action_space.high
+    size = maze.maze_size_scaling
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(maze.maze_map[0]), 1 + 0.6 * len(maze.maze_map)))
+    for r, row in enumerate(maze.maze_map):
+        for col, v in enumerate(row):
+            if v == 1:
+                x, y = maze.cell_rowcol_to_xy(np.array([r, col]))
+                ax.add_patch(plt.Rectangle((x - size / 2, y - size / 2), size, size, color="0.35"))
+    colours = plt.cm.tab10(np.arange(latents) % 10)
+    for cell in picked:
+        for k in range(latents):
+            obs, _ = env.reset(seed=seed, options={"reset_cell": np.array(cell)})  # same start for every colour
+            state = torch.as_tensor(flatten_observation(obs, layout), device=device)[None]
+            path_xy = [obs["achieved_goal"]]
+            for _ in range(chain):
+                mean, log_std = prior(state)
+                z = mean + log_std.exp() * torch.randn(mean.shape, generator=generator, device=device)
+                for _ in range(c):
+                    action, _ = primitive_policy(state, z)
+                    obs, *_ = env.step(np.clip(action[0].cpu().numpy(), low, high))
+                    state = torch.as_tensor(flatten_observation(obs, layout), device=device)[None]
+                    path_xy.append(obs["achieved_goal"])
+            path_xy = np.array(path_xy)
+            ax.plot(path_xy[:, 0], path_xy[:, 1], color=colours[k], lw=1.2)
+            ax.plot(path_xy[c::c, 0], path_xy[c::c, 1], ".", color=colours[k], ms=4)
+        ax.plot(*path_xy[0], "ko", ms=5)
+    ax.set_aspect("equal")
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(f"{latents} rollouts per start state (black); each chains {chain} primitives "
+                 f"z ~ ρ(z|s) of {c} steps (dots)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    for name in ("c", "latent_dim", "batch_size", "hidden_dim", "gru_layers", "save_every", "log_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    for name in ("num_steps", "bc_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < (1 if name == "num_steps" else 0):
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    if not (args.learning_rate > 0 and args.beta >= 0):
+        fail("--learning-rate must be positive and --beta non-negative.")
+
+    # setup: seeding, device, data
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dataset_id = resolve_dataset_id(args.env, args.dataset_id)
+    dataset = load_minari_dataset(dataset_id)
+    layout = observation_layout(dataset)
+    data = load_flat_dataset(dataset, layout, device)
+    starts = window_starts(data["episode_lengths"], args.c).to(device)
+    if len(starts) == 0:
+        fail(f"every episode of {dataset_id} is shorter than c = {args.c} steps (longest: "
+             f"{int(data['episode_lengths'].max())}), so there is no sub-trajectory to learn from; lower --c.")
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    env_spec = dataset.env_spec
+    is_paper_alias = dataset_id.startswith("D4RL/")
+    batch_size = args.batch_size or (50 if is_paper_alias else 256)
+    num_steps = args.num_steps or (100 * len(starts) // batch_size if is_paper_alias else 4000)
+    bc_steps = args.bc_steps if args.bc_steps is not None else num_steps // 10
+
+    run_name = f"{args.exp_name}__{args.dataset_id.replace('/', '-') if args.dataset_id else args.env}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.runs_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {**asdict(args), "dataset_id": dataset_id, "batch_size": batch_size, "num_steps": num_steps,
+              "bc_steps": bc_steps, "windows": len(starts), "obs_dim": obs_dim, "act_dim": act_dim}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=config, name=run_name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    print(f"{dataset_id}: {len(data['episode_lengths'])} episodes, {int(data['episode_lengths'].sum())} steps, "
+          f"{len(starts)} windows of c = {args.c}; state {obs_dim}-d ({'+'.join(layout) or 'flat'}), action {act_dim}-d")
+    print(f"β-VAE: {num_steps} gradient steps at batch {batch_size}, then {bc_steps} BC steps; run dir {run_dir}")
+
+    encoder = Encoder(obs_dim, act_dim, args.latent_dim, args.hidden_dim, args.gru_layers).to(device)
+    prior = Prior(obs_dim, args.latent_dim, args.hidden_dim).to(device)
+    primitive_policy = PrimitivePolicy(obs_dim, act_dim, args.latent_dim, args.hidden_dim).to(device)
+    for module in (encoder, prior, primitive_policy):
+        module.normalize.fit(data["observations"])
+    parameters = [*encoder.parameters(), *prior.parameters(), *primitive_policy.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, fused=True)
+    bc_optimizer = torch.optim.Adam(primitive_policy.parameters(), lr=args.learning_rate, fused=True)
+    sampler = torch.Generator(device=device).manual_seed(args.seed)
+    offsets = torch.arange(args.c, device=device)
+
+    checkpoint_path = run_dir / "opal_vae.pt"
+    summary = {}
+
+    def checkpoint(phase: str, step: int):
+        act_space = dataset.action_space
+        save_checkpoint(checkpoint_path, {
+            "script": "opal_vae", "args": asdict(args), "seed": args.seed, "dataset_id": dataset_id,
+            "env_id": env_spec.id if env_spec is not None else None, "obs_layout": layout,
+            "obs_dim": obs_dim, "act_dim": act_dim, "act_low": act_space.low.tolist(), "act_high": act_space.high.tolist(),
+            "c": args.c, "latent_dim": args.latent_dim, "hidden_dim": args.hidden_dim, "gru_layers": args.gru_layers,
+            "encoder": encoder.state_dict(), "prior": prior.state_dict(), "primitive_policy": primitive_policy.state_dict(),
+            "optimizer": optimizer.state_dict(), "bc_optimizer": bc_optimizer.state_dict(),
+            "phase": phase, "step": step, "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()},
+            "summary": dict(summary),
+        })
+
+    stop_requested = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, frame: stop_requested.append(number))
+
+    def finite_or_stop(values: dict, phase: str, step: int):
+        """A non-finite loss stops the run; the checkpoint on disk stays the last good one."""
+        for name, value in values.items():
+            if not math.isfinite(value):
+                writer.close()
+                fail(f"{name} became {value} at {phase} step {step}; stopped. The last good checkpoint is "
+                     f"{checkpoint_path if checkpoint_path.exists() else 'not written yet (none was saved)'}. "
+                     "Lower --learning-rate or check the dataset.")
+
+    def sample_windows(size):
+        rows = starts[torch.randint(len(starts), (size,), device=device, generator=sampler)][:, None] + offsets
+        return data["observations"][rows], data["actions"][rows]
+
+    # Phase 1: the β-VAE, Eq. (1): encoder, prior and primitive policy trained jointly
+    start_time, last_good = time.time(), None
+    progress = tqdm(range(1, num_steps + 1), desc="β-VAE", mininterval=2)
+    for step in progress:
+        states, actions = sample_windows(batch_size)
+        loss, reconstruction_nll, kl = beta_vae_loss(encoder, prior, primitive_policy, states, actions, args.beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        if step % args.log_every == 0 or step == num_steps or stop_requested:
+            values = {"losses/vae_loss": loss.item(), "losses/reconstruction_nll": reconstruction_nll.item(),
+                      "losses/kl": kl.item()}
+            finite_or_stop(values, "β-VAE", step)
+            sps = step / (time.time() - start_time)
+            for key, value in values.items():
+                writer.add_scalar(key, value, step)
+            writer.add_scalar("charts/SPS", sps, step)
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], step)
+            progress.set_postfix(nll=f"{values['losses/reconstruction_nll']:.3f}", kl=f"{values['losses/kl']:.3f}",
+                                 sps=f"{sps:.0f}")
+            summary.update({k.split("/")[1]: v for k, v in values.items()}, vae_steps=step, vae_sps=sps)
+            if step % args.save_every < args.log_every or stop_requested:
+                checkpoint("vae", step)
+        if stop_requested:
+            print(f"stopped by signal at β-VAE step {step}; checkpoint written to {checkpoint_path}")
+            sys.exit(130)
+    progress.close()
+
+    # Phase 2: relabel windows (stride c) with the encoder's posterior mean and fine-tune π(a|s,z) by BC
+    with torch.no_grad():
+        relabel_starts = window_starts(data["episode_lengths"], args.c, stride=args.c).to(device)
+        relabel_rows = relabel_starts[:, None] + offsets
+        latents = torch.cat([encoder(data["observations"][rows], data["actions"][rows])[0]
+                             for rows in relabel_rows.split(4096)])
+    start_time = time.time()
+    progress = tqdm(range(1, bc_steps + 1), desc="BC fine-tuning", mininterval=2)
+    for step in progress:
+        chosen = torch.randint(len(relabel_starts), (batch_size,), device=device, generator=sampler)
+        rows = relabel_rows[chosen]
+        mean_a, log_std_a = primitive_policy(data["observations"][rows],
+                                             latents[chosen].unsqueeze(1).expand(-1, args.c, -1))
+        bc_nll = -gaussian_log_prob(data["actions"][rows], mean_a, log_std_a).sum(1).mean()
+        bc_optimizer.zero_grad(set_to_none=True)
+        bc_nll.backward()
+        bc_optimizer.step()
+        if step % args.log_every == 0 or step == bc_steps or stop_requested:
+            value = bc_nll.item()
+            finite_or_stop({"losses/bc_nll": value}, "BC", step)
+            writer.add_scalar("losses/bc_nll", value, num_steps + step)
+            progress.set_postfix(nll=f"{value:.3f}")
+            summary.update(bc_nll=value, bc_steps=step)
+        if stop_requested:
+            checkpoint("bc", step)
+            print(f"stopped by signal at BC step {step}; checkpoint written to {checkpoint_path}")
+            sys.exit(130)
+    progress.close()
+
+    # Evaluation: held-out-free diagnostics on a fixed set of windows, closed-loop rollouts, the picture
+    with torch.no_grad():
+        eval_sampler = torch.Generator(device=device).manual_seed(12345)
+        rows = starts[torch.randint(len(starts), (2048,), device=device, generator=eval_sampler)][:, None] + offsets
+        states, actions = data["observations"][rows], data["actions"][rows]
+        mean_q, _ = encoder(states, actions)
+        mean_a, _ = primitive_policy(states, mean_q.unsqueeze(1).expand(-1, args.c, -1))
+        summary["action_mse"] = F.mse_loss(mean_a, actions).item()
+    writer.add_scalar("eval/action_mse", summary["action_mse"], num_steps + bc_steps)
+    eval_env = None
+    try:
+        eval_env = dataset.recover_environment(eval_env=True)
+    except Exception as error:
+        print(f"no evaluation environment for {dataset_id} ({type(error).__name__}); skipping rollouts and picture")
+    if eval_env is not None and hasattr(eval_env.unwrapped, "maze"):
+        measured = rollout_error(eval_env, layout, data, starts, encoder, prior, primitive_policy, args.c,
+                                 seed=args.seed)
+        if measured is not None:
+            for name, value in zip(("rollout_xy_error", "rollout_xy_error_prior_mean", "data_xy_displacement"), measured):
+                summary[name] = value
+                writer.add_scalar(f"eval/{name}", value, num_steps + bc_steps)
+        draw_primitives(eval_env, layout, prior, primitive_policy, args.c, run_dir / "primitives.png",
+                        latents=args.picture_latents, seed=args.seed)
+        print(f"picture of the primitives: {run_dir / 'primitives.png'}")
+    checkpoint("done", bc_steps)
+    print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    print(f"checkpoint: {checkpoint_path}")
+    writer.close()
+    if args.track:
+        wandb.finish()
