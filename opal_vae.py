@@ -180,7 +180,7 @@ def load_flat_dataset(dataset, layout: list, device) -> dict:
         columns["actions"].append(pad(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1)))
         columns["rewards"].append(pad(np.asarray(episode.rewards, dtype=np.float32)))
         columns["terminations"].append(pad(np.asarray(episode.terminations, dtype=np.float32)))
-        if isinstance(episode.observations, dict) and "achieved_goal" in episode.observations:
+        if isinstance(episode.observations, dict) and isinstance(episode.observations.get("achieved_goal"), np.ndarray):
             columns["achieved_goal"].append(np.asarray(episode.observations["achieved_goal"], dtype=np.float32))
         for key in ("qpos", "qvel"):
             if key in (episode.infos or {}) and len(episode.infos[key]) == steps + 1:
@@ -315,8 +315,8 @@ CHECKPOINT_FORMAT_VERSION = 1
 
 def library_versions() -> dict:
     import mujoco
-    return {"torch": torch.__version__, "gymnasium": gym.__version__, "minari": minari.__version__,
-            "mujoco": mujoco.__version__, "numpy": np.__version__}
+    return {"torch": str(torch.__version__), "gymnasium": gym.__version__, "minari": minari.__version__,
+            "mujoco": mujoco.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
 
 
 def save_checkpoint(path: Path, payload: dict):
@@ -502,6 +502,8 @@ if __name__ == "__main__":
     summary = {}
 
     def checkpoint(phase: str, step: int):
+        for name, module in (("encoder", encoder), ("prior", prior), ("primitive_policy", primitive_policy)):
+            finite_or_stop({f"a parameter of the {name}": float(sum(p.sum() for p in module.parameters()))}, phase, step)
         act_space = dataset.action_space
         save_checkpoint(checkpoint_path, {
             "script": "opal_vae", "args": asdict(args), "seed": args.seed, "dataset_id": dataset_id,
@@ -541,7 +543,8 @@ if __name__ == "__main__":
         loss.backward()
         optimizer.step()
 
-        if step % args.log_every == 0 or step == num_steps or stop_requested:
+        save_now = step % args.save_every == 0 or bool(stop_requested)
+        if step % args.log_every == 0 or step == num_steps or save_now:
             values = {"losses/vae_loss": loss.item(), "losses/reconstruction_nll": reconstruction_nll.item(),
                       "losses/kl": kl.item()}
             finite_or_stop(values, "β-VAE", step)
@@ -553,8 +556,8 @@ if __name__ == "__main__":
             progress.set_postfix(nll=f"{values['losses/reconstruction_nll']:.3f}", kl=f"{values['losses/kl']:.3f}",
                                  sps=f"{sps:.0f}")
             summary.update({k.split("/")[1]: v for k, v in values.items()}, vae_steps=step, vae_sps=sps)
-            if step % args.save_every < args.log_every or stop_requested:
-                checkpoint("vae", step)
+        if save_now:
+            checkpoint("vae", step)
         if stop_requested:
             print(f"stopped by signal at β-VAE step {step}; checkpoint written to {checkpoint_path}")
             sys.exit(130)

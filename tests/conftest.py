@@ -1,0 +1,52 @@
+"""Shared fixtures: a private Minari store, TMPDIR and no network for every test."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory):
+    """Environment for subprocesses and for this process: temporary store and TMPDIR, offline."""
+    base = tmp_path_factory.mktemp("opal")
+    env = dict(os.environ)
+    env.update(
+        MINARI_DATASETS_PATH=str(base / "minari"),
+        TMPDIR=str(base / "tmp"),  # every maze gym.make leaves an xml file in TMPDIR
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        MUJOCO_GL="egl",
+        PYTHONWARNINGS="ignore",
+    )
+    (base / "tmp").mkdir()
+    for key in ("MINARI_DATASETS_PATH", "TMPDIR", "HF_HUB_OFFLINE", "WANDB_MODE"):
+        os.environ[key] = env[key]
+    return {"env": env, "base": base}
+
+
+def run_script(sandbox, script, *arguments, timeout=600):
+    """Run one of our scripts as a user would; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, arguments)], env=sandbox["env"],
+                          cwd=sandbox["base"], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def datasets(sandbox):
+    """Tiny datasets of all three families, made by collect_data.py in the temporary store."""
+    made = {
+        "pointmaze": ("opal/pointmaze-large-diverse-v0", ["--env", "pointmaze-large", "--steps", 3000, "--episode-length", 500]),
+        "pointmaze-expert": ("opal/pointmaze-large-expert-v0", ["--env", "pointmaze-large", "--kind", "expert", "--episodes", 2]),
+        "antmaze": ("test/antmaze-large-random-v0", ["--env", "antmaze-large", "--kind", "random", "--steps", 600, "--episode-length", 200]),
+        "kitchen": ("test/kitchen-random-v0", ["--env", "kitchen", "--kind", "random", "--steps", 200, "--episode-length", 100]),
+        "short": ("test/pointmaze-short-v0", ["--env", "pointmaze-umaze", "--kind", "random", "--steps", 40, "--episode-length", 8]),
+    }
+    for name, (dataset_id, arguments) in made.items():
+        result = run_script(sandbox, "collect_data.py", *arguments, "--dataset-id", dataset_id)
+        assert result.returncode == 0, f"collect_data.py failed for {name}:\n{result.stderr[-3000:]}"
+    return {name: dataset_id for name, (dataset_id, _) in made.items()}
