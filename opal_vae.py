@@ -351,6 +351,14 @@ def load_checkpoint(path, script: str) -> dict:
     return payload
 
 
+def non_finite_module(**modules) -> Optional[str]:
+    """Name of the first module with a NaN or inf parameter, or None: checked before every save."""
+    for name, module in modules.items():
+        if not all(torch.isfinite(p.detach()).all() for p in module.parameters()):
+            return name
+    return None
+
+
 def check_checkpoint(payload: dict, path, **expected):
     """Refuse a checkpoint whose fields differ from what this run expects, naming the first that differs."""
     for field, value in expected.items():
@@ -502,8 +510,9 @@ if __name__ == "__main__":
     summary = {}
 
     def checkpoint(phase: str, step: int):
-        for name, module in (("encoder", encoder), ("prior", prior), ("primitive_policy", primitive_policy)):
-            finite_or_stop({f"a parameter of the {name}": float(sum(p.sum() for p in module.parameters()))}, phase, step)
+        broken = non_finite_module(encoder=encoder, prior=prior, primitive_policy=primitive_policy)
+        if broken:
+            finite_or_stop({f"a parameter of the {broken}": math.nan}, phase, step)
         act_space = dataset.action_space
         save_checkpoint(checkpoint_path, {
             "script": "opal_vae", "args": asdict(args), "seed": args.seed, "dataset_id": dataset_id,
@@ -534,7 +543,8 @@ if __name__ == "__main__":
         return data["observations"][rows], data["actions"][rows]
 
     # Phase 1: the β-VAE, Eq. (1): encoder, prior and primitive policy trained jointly
-    start_time, last_good = time.time(), None
+    start_time, logged_step = time.time(), 0
+    loss_sums = torch.zeros(3, device=device)  # loss, nll, kl summed since the last log line (no host sync)
     progress = tqdm(range(1, num_steps + 1), desc="β-VAE", mininterval=2)
     for step in progress:
         states, actions = sample_windows(batch_size)
@@ -542,11 +552,14 @@ if __name__ == "__main__":
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        loss_sums += torch.stack([loss, reconstruction_nll, kl]).detach()
 
         save_now = step % args.save_every == 0 or bool(stop_requested)
         if step % args.log_every == 0 or step == num_steps or save_now:
-            values = {"losses/vae_loss": loss.item(), "losses/reconstruction_nll": reconstruction_nll.item(),
-                      "losses/kl": kl.item()}
+            means = (loss_sums / (step - logged_step)).tolist()  # averages over the steps since the last log
+            loss_sums.zero_()
+            logged_step = step
+            values = dict(zip(("losses/vae_loss", "losses/reconstruction_nll", "losses/kl"), means))
             finite_or_stop(values, "β-VAE", step)
             sps = step / (time.time() - start_time)
             for key, value in values.items():
@@ -569,7 +582,7 @@ if __name__ == "__main__":
         relabel_rows = relabel_starts[:, None] + offsets
         latents = torch.cat([encoder(data["observations"][rows], data["actions"][rows])[0]
                              for rows in relabel_rows.split(4096)])
-    start_time = time.time()
+    start_time, logged_step, bc_sum = time.time(), 0, torch.zeros((), device=device)
     progress = tqdm(range(1, bc_steps + 1), desc="BC fine-tuning", mininterval=2)
     for step in progress:
         chosen = torch.randint(len(relabel_starts), (batch_size,), device=device, generator=sampler)
@@ -580,8 +593,11 @@ if __name__ == "__main__":
         bc_optimizer.zero_grad(set_to_none=True)
         bc_nll.backward()
         bc_optimizer.step()
+        bc_sum += bc_nll.detach()
         if step % args.log_every == 0 or step == bc_steps or stop_requested:
-            value = bc_nll.item()
+            value = bc_sum.item() / (step - logged_step)
+            bc_sum.zero_()
+            logged_step = step
             finite_or_stop({"losses/bc_nll": value}, "BC", step)
             writer.add_scalar("losses/bc_nll", value, num_steps + step)
             progress.set_postfix(nll=f"{value:.3f}")

@@ -50,3 +50,17 @@ def datasets(sandbox):
         result = run_script(sandbox, "collect_data.py", *arguments, "--dataset-id", dataset_id)
         assert result.returncode == 0, f"collect_data.py failed for {name}:\n{result.stderr[-3000:]}"
     return {name: dataset_id for name, (dataset_id, _) in made.items()}
+
+
+@pytest.fixture(scope="session")
+def vae_checkpoints(sandbox, datasets):
+    """Small opal_vae.pt checkpoints for the three dataset families (tiny networks, tiny budgets)."""
+    checkpoints = {}
+    for family in ("pointmaze", "antmaze", "kitchen"):
+        result = run_script(sandbox, "opal_vae.py", "--dataset-id", datasets[family], "--num-steps", 20, "--bc-steps", 5,
+                            "--hidden-dim", 32, "--gru-layers", 1, "--batch-size", 16, "--picture-latents", 1,
+                            "--runs-dir", sandbox["base"] / "vae-runs")
+        assert result.returncode == 0, result.stderr[-3000:]
+        line = [l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1]
+        checkpoints[family] = Path(line.split("checkpoint: ", 1)[1])
+    return checkpoints

@@ -1,0 +1,788 @@
+"""OPAL, step 2: offline RL with primitives. Conservative Q-learning (CQL) chooses a latent primitive z every c steps.
+
+The dataset is relabelled with the encoder of `opal_vae.py` (Ajay et al., ICLR 2021, Section 4.1): every
+length-c window becomes one high-level transition (s_0, z = μ_φ(τ), Σ_{t<c} γ^t r_t, s_c). CQL (Kumar et al.,
+2020) then learns a task policy π_ψ(z|s) on these transitions; at test time the frozen primitive policy
+π_θ(a|s,z) turns each z into c actions. `--primitives none` runs the same CQL on raw actions (c = 1): the
+baseline column of the paper's Table 1.
+
+Run:    python opal_cql.py --vae-ckpt runs/<vae run>/opal_vae.pt                 # CQL+OPAL on pointmaze-large
+        python opal_cql.py --primitives none                                     # plain CQL
+        python opal_cql.py --env antmaze-large-diverse --vae-ckpt runs/<vae run>/opal_vae.pt
+Reads:  a Minari dataset (--env or --dataset-id) and, with primitives, an opal_vae.pt checkpoint
+Writes: runs/opal_cql__<env>__<seed>__<time>/  opal_cql.pt (task policy + the primitive policy it drives),
+        TensorBoard events, config.json, eval.mp4 with --capture-video
+"""
+
+import copy
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import gymnasium_robotics
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+gym.register_envs(gymnasium_robotics)
+
+
+@dataclass
+class Args:
+    exp_name: str = "opal_cql"
+    """name of this experiment, the first part of the run directory's name"""
+    seed: int = 1
+    """seed of torch, numpy and the batch sampler (evaluation episodes use seed + 10,000 onward)"""
+    env: str = "pointmaze-large"
+    """dataset alias: antmaze-medium-diverse, antmaze-large-diverse, kitchen-mixed, kitchen-partial,
+    pointmaze-umaze, pointmaze-medium, pointmaze-large"""
+    dataset_id: Optional[str] = None
+    """any Minari dataset id, local or remote; overrides --env"""
+    vae_ckpt: Optional[str] = None
+    """opal_vae.pt (or its run directory) trained on the same dataset; required with --primitives opal"""
+    primitives: Literal["opal", "none"] = "opal"
+    """opal: CQL over latent primitives; none: plain CQL over raw actions (c = 1), the baseline"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without an account)"""
+    wandb_project_name: str = "opal"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """write eval.mp4 of one evaluation episode at the end (headless: MUJOCO_GL=egl)"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, ..."""
+    runs_dir: str = "runs"
+    """folder that receives the run directory"""
+    save_every: int = 10_000
+    """write the checkpoint every this many gradient steps (and at the end or on Ctrl-C)"""
+    log_every: int = 250
+    """log losses and steps/s every this many gradient steps"""
+    eval_every: int = 10_000
+    """evaluate every this many gradient steps with --eval-episodes-during episodes"""
+    eval_episodes: int = 100
+    """evaluation episodes at the end (D4RL uses 100)"""
+    eval_episodes_during: int = 10
+    """evaluation episodes at each intermediate evaluation"""
+    num_envs: int = 10
+    """parallel evaluation environments (gymnasium.vector.SyncVectorEnv)"""
+
+    # CQL; defaults follow CORL's antmaze configuration (see README) unless marked "ours"
+    total_steps: int = 1_000_000
+    """gradient steps of CQL"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    gamma: float = 0.99
+    """per-step discount; a high-level transition of c steps is discounted by gamma**c"""
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+    policy_lr: float = 1e-4
+    """Adam learning rate of the task policy"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the critics"""
+    hidden_dim: int = 256
+    """width of the task policy's and critics' hidden layers"""
+    policy_layers: int = 3
+    """hidden layers of the task policy"""
+    critic_layers: int = 5
+    """hidden layers of each critic (CORL antmaze: 5)"""
+    cql_alpha: float = 5.0
+    """weight of the CQL regulariser (CORL antmaze: 5)"""
+    lagrange: bool = True
+    """tune the CQL weight with a Lagrange multiplier towards --target-action-gap"""
+    target_action_gap: float = 0.8
+    """the Lagrange variant's target for E[logsumexp Q] - E_data[Q] (CORL antmaze: 0.8)"""
+    cql_n_actions: int = 10
+    """actions (latents) sampled per state for the CQL regulariser and the max-target backup"""
+    max_target_backup: bool = True
+    """back up the max over sampled next actions of the min over critics"""
+    reward_scale: float = 10.0
+    """r' = reward_scale * r + reward_bias per low-level step (CORL antmaze: 10, -5)"""
+    reward_bias: float = -5.0
+    """see --reward-scale"""
+    policy_bc_steps: int = 0
+    """first gradient steps in which the task policy imitates the dataset's z (or a) instead of maximising Q"""
+    relabel_stride: Optional[int] = None
+    """start of one high-level window every this many steps; default c (the paper's partition of trajectories)"""
+    latent_margin: float = 0.0
+    """widen the task policy's latent box beyond the relabelled latents' range by this fraction of it (ours)"""
+
+
+# --- shared: datasets ---
+ENV_ALIASES = {
+    "antmaze-medium-diverse": "D4RL/antmaze/medium-diverse-v1",
+    "antmaze-large-diverse": "D4RL/antmaze/large-diverse-v1",
+    "kitchen-mixed": "D4RL/kitchen/mixed-v2",
+    "kitchen-partial": "D4RL/kitchen/partial-v2",
+    "pointmaze-umaze": "opal/pointmaze-umaze-diverse-v0",
+    "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
+    "pointmaze-large": "opal/pointmaze-large-diverse-v0",
+}
+GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large))-(diverse|expert)-v0")
+
+
+def fail(message: str):
+    """Stop with one readable paragraph instead of a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def resolve_dataset_id(env: str, dataset_id: Optional[str]) -> str:
+    if dataset_id:
+        return dataset_id
+    if env not in ENV_ALIASES:
+        fail(f"unknown --env {env!r}. Valid aliases: {', '.join(ENV_ALIASES)}; or pass any Minari id with --dataset-id.")
+    return ENV_ALIASES[env]
+
+
+def load_minari_dataset(dataset_id: str):
+    """The dataset from the local Minari store; pointmaze data is generated, D4RL data downloaded."""
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except Exception as error:  # a folder that exists but does not read as a dataset
+        fail(f"the local copy of {dataset_id} cannot be read ({type(error).__name__}: {error}). Delete it and retry.")
+    generated = GENERATED.fullmatch(dataset_id)
+    if generated:
+        collector = Path(__file__).with_name("collect_data.py")
+        print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} (a few minutes)")
+        if not collector.exists():
+            fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
+        command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2]]
+        if subprocess.run(command).returncode != 0:
+            fail(f"generating {dataset_id} failed (command: {' '.join(command)}); its output is above.")
+        return minari.load_dataset(dataset_id)
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except ImportError:
+        fail(f"{dataset_id} is not stored locally and downloading it needs huggingface_hub: "
+             "pip install 'minari[hf]' (requirements.txt has it).")
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        fail(f"{dataset_id} is not stored locally and could not be downloaded ({reason}). "
+             f"If you are offline, download it elsewhere with `minari download {dataset_id}` and copy the folder "
+             f"into {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}, or train on data made here: "
+             "--env pointmaze-large. If the id is mistyped, `minari list remote` shows the valid ones.")
+
+
+def observation_layout(dataset) -> list:
+    """Keys of a dict observation, concatenated in this order, that give the state D4RL used."""
+    space = dataset.observation_space
+    if not isinstance(space, gym.spaces.Dict):
+        return []
+    env_id = dataset.env_spec.id if dataset.env_spec is not None else ""
+    if "AntMaze" in env_id:
+        return ["achieved_goal", "observation"]  # D4RL antmaze state: torso x,y + 27-d observation = 29-d
+    if "observation" in space.spaces:
+        return ["observation"]  # pointmaze: x, y, vx, vy; kitchen: the 59-d robot and object state
+    return sorted(k for k, v in space.spaces.items() if isinstance(v, gym.spaces.Box))
+
+
+def flatten_observation(observation, layout: list) -> np.ndarray:
+    if not layout:
+        return np.asarray(observation, dtype=np.float32)
+    return np.concatenate([np.asarray(observation[k], dtype=np.float32) for k in layout], axis=-1)
+
+
+def load_flat_dataset(dataset, layout: list, device) -> dict:
+    """All episodes as flat tensors, T+1 rows per episode: row t holds s_t, a_t, r_t (a, r padded at t = T)."""
+    columns = {"observations": [], "actions": [], "rewards": [], "terminations": [], "achieved_goal": [],
+               "qpos": [], "qvel": []}
+    lengths = []
+    for episode in dataset.iterate_episodes():
+        steps = len(episode.actions)
+        lengths.append(steps)
+        pad = lambda x: np.concatenate([x, np.zeros_like(x[:1])], axis=0)
+        columns["observations"].append(flatten_observation(episode.observations, layout))
+        columns["actions"].append(pad(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1)))
+        columns["rewards"].append(pad(np.asarray(episode.rewards, dtype=np.float32)))
+        columns["terminations"].append(pad(np.asarray(episode.terminations, dtype=np.float32)))
+        if isinstance(episode.observations, dict) and isinstance(episode.observations.get("achieved_goal"), np.ndarray):
+            columns["achieved_goal"].append(np.asarray(episode.observations["achieved_goal"], dtype=np.float32))
+        for key in ("qpos", "qvel"):
+            if key in (episode.infos or {}) and len(episode.infos[key]) == steps + 1:
+                columns[key].append(np.asarray(episode.infos[key], dtype=np.float64))
+    data = {k: torch.as_tensor(np.concatenate(v)).to(device) for k, v in columns.items() if len(v) == len(lengths)}
+    data["episode_lengths"] = torch.as_tensor(lengths, dtype=torch.long)
+    for key, value in data.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            fail(f"the dataset's {key} contain NaN or inf; OPAL cannot learn from them.")
+    return data
+
+
+def window_starts(episode_lengths: torch.Tensor, c: int, stride: int = 1) -> torch.Tensor:
+    """Flat row of s_0 of every length-c window (s_t, a_t)_{t<c}, with s_c in the same episode.
+
+    Episode e owns rows offset_e .. offset_e + T_e (T_e + 1 observations). Its windows start at
+    t = 0, stride, ... while t + c <= T_e, so no window crosses an episode boundary and episodes
+    shorter than c contribute none. Pure index arithmetic, no loop over samples.
+    """
+    lengths = episode_lengths.long()
+    offsets = torch.cumsum(lengths + 1, 0) - (lengths + 1)
+    per_episode = torch.where(lengths >= c, (lengths - c) // stride + 1, torch.zeros_like(lengths))
+    episode = torch.repeat_interleave(torch.arange(len(lengths)), per_episode)
+    first_of_episode = torch.cumsum(per_episode, 0) - per_episode
+    rank = torch.arange(int(per_episode.sum())) - first_of_episode[episode]
+    return offsets[episode] + rank * stride
+# --- end shared ---
+
+
+def relabel(data, starts, c, rewards, dones, gamma):
+    """High-level transitions of the windows starting at `starts` (Section 4.1 of the paper).
+
+    rewards[t], dones[t]: reward and termination of the low-level transition s_t -> s_{t+1} (rows as in the
+    flat dataset). Returns (discounted reward sums Σ_{t<k} γ^t r_t, done flags, next-state rows), where k is
+    c, or the step after the first termination inside the window: a window that reaches the goal ends there,
+    it is marked done and its backup does not bootstrap, so what follows in the data never counts.
+    """
+    rows = starts[:, None] + torch.arange(c, device=starts.device)  # (N, c)
+    window_dones = dones[rows] > 0
+    alive = torch.cumprod(torch.cat([torch.ones_like(window_dones[:, :1]), ~window_dones[:, :-1]], 1), 1)
+    discounts = gamma ** torch.arange(c, dtype=torch.float32, device=starts.device)
+    returns = (rewards[rows] * alive * discounts).sum(1)
+    done = window_dones.any(1)
+    steps = torch.where(done, window_dones.float().argmax(1) + 1, torch.full_like(starts, c))
+    return returns, done.float(), starts + steps
+
+
+SUCCESS_RADIUS = 0.45  # gymnasium-robotics maze v4 success radius
+
+
+def task_rewards(data, eval_env, dataset_id):
+    """Per-step reward and termination of the *evaluation* task, as D4RL defines it.
+
+    Mazes: 1 when the next achieved_goal is within 0.45 of the evaluation goal cell's centre (Minari's maze
+    datasets store rewards for each episode's own random goal, so we relabel); reaching it ends the episode.
+    Kitchen and others: the dataset's rewards and terminations.
+    """
+    maze = getattr(eval_env.unwrapped, "maze", None)
+    if maze is None or "achieved_goal" not in data:
+        return data["rewards"], data["terminations"]
+    goal = torch.as_tensor(np.asarray(maze.unique_goal_locations[0]), dtype=torch.float32, device=data["rewards"].device)
+    reached = (data["achieved_goal"] - goal).norm(dim=-1) <= SUCCESS_RADIUS
+    rewards = torch.zeros_like(data["rewards"])
+    rewards[:-1] = reached[1:].float()  # r_t refers to s_{t+1}; the last row of each episode is padding
+    last_rows = torch.cumsum(data["episode_lengths"] + 1, 0) - 1
+    rewards[last_rows.to(rewards.device)] = 0.0
+    return rewards, rewards.clone()
+
+
+# --- shared: networks ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # clamp of every Gaussian's log-std (ours; keeps likelihoods finite)
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 2) -> nn.Sequential:
+    layers, width = [], in_dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+        width = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+class Normalizer(nn.Module):
+    """Standardises states with the dataset's mean and std (ours); stored in every state dict."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, states: torch.Tensor):
+        self.mean.copy_(states.mean(0))
+        self.std.copy_(states.std(0).clamp_min(1e-3))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return (states - self.mean) / self.std
+
+
+def gaussian_head(output: torch.Tensor):
+    mean, log_std = output.chunk(2, dim=-1)
+    return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+class Encoder(nn.Module):
+    """q_φ(z|τ): an MLP embeds each (s_t, a_t), a bidirectional GRU reads the c embeddings, a Gaussian comes out."""
+
+    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200, gru_layers=4):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.embed = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU())
+        self.gru = nn.GRU(hidden_dim, hidden_dim, num_layers=gru_layers, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(2 * hidden_dim, 2 * latent_dim)
+
+    def forward(self, states, actions):  # (B, c, obs_dim), (B, c, act_dim) -> mean, log_std of z
+        _, final_hidden = self.gru(self.embed(torch.cat([self.normalize(states), actions], -1)))
+        # last layer's final forward state (after s_{c-1}) and final backward state (after s_0)
+        return gaussian_head(self.head(torch.cat([final_hidden[-2], final_hidden[-1]], -1)))
+
+
+class Prior(nn.Module):
+    """ρ_ω(z|s_0): which primitives are plausible from the first state."""
+
+    def __init__(self, obs_dim, latent_dim, hidden_dim=200):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim, hidden_dim, 2 * latent_dim)
+
+    def forward(self, first_states):
+        return gaussian_head(self.net(self.normalize(first_states)))
+
+
+class PrimitivePolicy(nn.Module):
+    """π_θ(a|s,z): the decoder; one z drives c consecutive actions."""
+
+    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim + latent_dim, hidden_dim, 2 * act_dim)
+
+    def forward(self, states, latents):
+        return gaussian_head(self.net(torch.cat([self.normalize(states), latents], -1)))
+
+
+def gaussian_log_prob(x, mean, log_std):
+    """log N(x; mean, diag(exp(log_std))^2), summed over the last dimension."""
+    return (-0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def gaussian_kl(mean_q, log_std_q, mean_p, log_std_p):
+    """KL(N_q || N_p) of diagonal Gaussians, summed over the last dimension."""
+    var_q, var_p = (2 * log_std_q).exp(), (2 * log_std_p).exp()
+    return (log_std_p - log_std_q + (var_q + (mean_q - mean_p) ** 2) / (2 * var_p) - 0.5).sum(-1)
+# --- end shared ---
+
+
+# --- shared: actor_critic ---
+class VectorizedLinear(nn.Module):
+    """`ensemble` independent linear layers applied as one batched matmul: (E, B, in) -> (E, B, out)."""
+
+    def __init__(self, in_dim, out_dim, ensemble):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(ensemble, 1, out_dim))
+        with torch.no_grad():  # each member starts like a fresh nn.Linear
+            for member in range(ensemble):
+                layer = nn.Linear(in_dim, out_dim)
+                self.weight[member].copy_(layer.weight.T)
+                self.bias[member, 0].copy_(layer.bias)
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class Critics(nn.Module):
+    """Twin (or more) Q(s, a) networks evaluated together; returns (ensemble, batch)."""
+
+    def __init__(self, obs_dim, act_dim, hidden_dim=256, layers=5, ensemble=2):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        widths = [obs_dim + act_dim] + [hidden_dim] * layers
+        blocks = []
+        for width_in, width_out in zip(widths[:-1], widths[1:]):
+            blocks += [VectorizedLinear(width_in, width_out, ensemble), nn.ReLU()]
+        self.net = nn.Sequential(*blocks, VectorizedLinear(hidden_dim, 1, ensemble))
+        self.ensemble = ensemble
+
+    def forward(self, states, actions):
+        x = torch.cat([self.normalize(states), actions], -1)
+        return self.net(x.unsqueeze(0).expand(self.ensemble, -1, -1)).squeeze(-1)
+
+
+class TanhGaussianPolicy(nn.Module):
+    """SAC's squashed Gaussian, scaled into the box [low, high]."""
+
+    def __init__(self, obs_dim, act_dim, low, high, hidden_dim=256, layers=3):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim, hidden_dim, 2 * act_dim, layers)
+        self.register_buffer("center", (torch.as_tensor(high) + torch.as_tensor(low)).float() / 2)
+        self.register_buffer("half_range", (torch.as_tensor(high) - torch.as_tensor(low)).float() / 2)
+
+    def forward(self, states, deterministic=False):
+        """Returns (action, log-probability of it)."""
+        mean, log_std = gaussian_head(self.net(self.normalize(states)))
+        pre_tanh = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+        squashed = torch.tanh(pre_tanh)
+        log_prob = gaussian_log_prob(pre_tanh, mean, log_std)
+        log_prob = log_prob - (torch.log1p(-squashed.pow(2) + 1e-6) + self.half_range.log()).sum(-1)
+        return self.center + self.half_range * squashed, log_prob
+
+    def log_prob(self, states, actions):
+        """log π(a|s) of given actions inside the box (for behaviour cloning)."""
+        mean, log_std = gaussian_head(self.net(self.normalize(states)))
+        squashed = ((actions - self.center) / self.half_range).clamp(-0.999, 0.999)
+        pre_tanh = torch.atanh(squashed)
+        log_prob = gaussian_log_prob(pre_tanh, mean, log_std)
+        return log_prob - (torch.log1p(-squashed.pow(2) + 1e-6) + self.half_range.log()).sum(-1)
+# --- end shared ---
+
+
+# --- shared: checkpoint ---
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def library_versions() -> dict:
+    import mujoco
+    return {"torch": str(torch.__version__), "gymnasium": gym.__version__, "minari": minari.__version__,
+            "mujoco": mujoco.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
+
+
+def save_checkpoint(path: Path, payload: dict):
+    """Atomic: write a temporary file beside the target, then rename it over the target."""
+    payload = {"format": "opal", "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(), **payload}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, script: str) -> dict:
+    """Load a checkpoint written by `script` (e.g. "opal_vae") or stop with a message saying what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{script}.pt"
+    if not path.is_file():
+        fail(f"checkpoint {path} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        fail(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a torch file ({type(error).__name__}).")
+    if not isinstance(payload, dict) or payload.get("format") != "opal":
+        fail(f"{path} is a torch file but not an OPAL checkpoint.")
+    if payload.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
+        fail(f"{path} has checkpoint format {payload['format_version']}, newer than this script's "
+             f"{CHECKPOINT_FORMAT_VERSION}: update the script.")
+    if payload.get("script") != script:
+        fail(f"{path} was written by {payload.get('script')}.py, but a {script}.py checkpoint is needed here.")
+    return payload
+
+
+def non_finite_module(**modules) -> Optional[str]:
+    """Name of the first module with a NaN or inf parameter, or None: checked before every save."""
+    for name, module in modules.items():
+        if not all(torch.isfinite(p.detach()).all() for p in module.parameters()):
+            return name
+    return None
+
+
+def check_checkpoint(payload: dict, path, **expected):
+    """Refuse a checkpoint whose fields differ from what this run expects, naming the first that differs."""
+    for field, value in expected.items():
+        if payload.get(field) != value:
+            fail(f"{path} does not fit this run: its {field} is {payload.get(field)!r}, this run has {value!r}.")
+# --- end shared ---
+
+
+# --- shared: evaluation ---
+def make_eval_envs(dataset, num_envs):
+    return gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True) for _ in range(num_envs)])
+
+
+@torch.no_grad()
+def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act_low, act_high, kitchen=False):
+    """Run `episodes` evaluation episodes; returns (success rate, mean return, normalised score).
+
+    Every c steps the task policy picks z (deterministically, tanh of its mean) in every environment, then the
+    primitive policy's mean action, clipped to the action bounds, acts for c steps. Without primitives
+    (primitive_policy None, c = 1) the task policy's action acts directly. An episode succeeds when any of
+    its steps reports success; the score is 100 x success rate for mazes, 100 x tasks done / 4 for kitchen.
+    """
+    device = next(task_policy.parameters()).device
+    successes, returns = [], []
+    rounds = math.ceil(episodes / envs.num_envs)
+    for round_index in range(rounds):
+        obs, _ = envs.reset(seed=[seed + round_index * envs.num_envs + i for i in range(envs.num_envs)])
+        running = np.ones(envs.num_envs, dtype=bool)
+        success = np.zeros(envs.num_envs, dtype=bool)
+        episode_return = np.zeros(envs.num_envs)
+        while running.any():
+            states = torch.as_tensor(flatten_observation(obs, layout), device=device)
+            choice, _ = task_policy(states, deterministic=True)
+            for _ in range(c):
+                if primitive_policy is None:
+                    action = choice
+                else:
+                    action, _ = primitive_policy(states, choice)
+                obs, reward, terminated, truncated, info = envs.step(np.clip(action.cpu().numpy(), act_low, act_high))
+                episode_return += reward * running
+                success |= np.asarray(info.get("success", np.zeros(envs.num_envs, dtype=bool)), dtype=bool) & running
+                running &= ~(terminated | truncated)
+                if not running.any():
+                    break
+                states = torch.as_tensor(flatten_observation(obs, layout), device=device)
+        successes.extend(success.tolist())
+        returns.extend(episode_return.tolist())
+    successes, returns = np.array(successes[:episodes]), np.array(returns[:episodes])
+    score = 100 * returns.mean() / 4 if kitchen else 100 * successes.mean()
+    return float(successes.mean()), float(returns.mean()), float(score)
+# --- end shared ---
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    for name in ("total_steps", "batch_size", "hidden_dim", "policy_layers", "critic_layers", "cql_n_actions",
+                 "save_every", "log_every", "eval_every", "eval_episodes", "num_envs"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.policy_bc_steps < 0 or args.eval_episodes_during < 0 or (args.relabel_stride or 1) < 1:
+        fail("--policy-bc-steps, --eval-episodes-during and --relabel-stride cannot be negative or zero.")
+    if args.primitives == "opal" and not args.vae_ckpt:
+        fail("--primitives opal needs --vae-ckpt runs/<opal_vae run>/opal_vae.pt (train one with opal_vae.py), "
+             "or use --primitives none for plain CQL.")
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dataset_id = resolve_dataset_id(args.env, args.dataset_id)
+    vae = None
+    if args.primitives == "opal":  # check the checkpoint before the (possibly long) dataset load
+        vae = load_checkpoint(args.vae_ckpt, "opal_vae")
+        check_checkpoint(vae, args.vae_ckpt, dataset_id=dataset_id)
+    dataset = load_minari_dataset(dataset_id)
+    layout = observation_layout(dataset)
+    data = load_flat_dataset(dataset, layout, device)
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    act_low, act_high = dataset.action_space.low, dataset.action_space.high
+    if vae is not None:
+        check_checkpoint(vae, args.vae_ckpt, obs_layout=layout, obs_dim=obs_dim, act_dim=act_dim)
+    c = vae["c"] if vae is not None else 1
+    eval_env = dataset.recover_environment(eval_env=True)
+    kitchen = not hasattr(eval_env.unwrapped, "maze")
+
+    # Relabel: high-level transitions (s_0, z, Σ γ^t r'_t, s_k, done) over windows inside one episode
+    rewards, dones = task_rewards(data, eval_env, dataset_id)
+    shaped = args.reward_scale * rewards + args.reward_bias
+    starts = window_starts(data["episode_lengths"], c, stride=args.relabel_stride or c).to(device)
+    if len(starts) == 0:
+        fail(f"every episode of {dataset_id} is shorter than c = {c} steps; there are no windows to relabel.")
+    returns, done, next_rows = relabel(data, starts, c, shaped, dones, args.gamma)
+    primitive_policy = None
+    if vae is not None:
+        encoder = Encoder(obs_dim, act_dim, vae["latent_dim"], vae["hidden_dim"], vae["gru_layers"]).to(device)
+        encoder.load_state_dict(vae["encoder"])
+        primitive_policy = PrimitivePolicy(obs_dim, act_dim, vae["latent_dim"], vae["hidden_dim"]).to(device)
+        primitive_policy.load_state_dict(vae["primitive_policy"])
+        primitive_policy.requires_grad_(False)  # the primitives stay fixed while the task policy learns
+        with torch.no_grad():
+            rows = starts[:, None] + torch.arange(c, device=device)
+            choices = torch.cat([encoder(data["observations"][r], data["actions"][r])[0] for r in rows.split(4096)])
+        low, high = choices.min(0).values, choices.max(0).values
+        margin = args.latent_margin * (high - low)
+        choice_low, choice_high = low - margin, high + margin  # the latent box covers the relabelled latents
+        del encoder
+    else:
+        choices = data["actions"][starts]
+        choice_low = torch.as_tensor(act_low, dtype=torch.float32, device=device)
+        choice_high = torch.as_tensor(act_high, dtype=torch.float32, device=device)
+        choices = choices.clamp(choice_low, choice_high)
+    states, next_states = data["observations"][starts], data["observations"][next_rows]
+    discount = args.gamma ** c  # the high-level Bellman backup discounts by γ^c
+    choice_dim = choices.shape[1]
+
+    run_name = f"{args.exp_name}__{args.dataset_id.replace('/', '-') if args.dataset_id else args.env}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.runs_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {**asdict(args), "dataset_id": dataset_id, "c": c, "transitions": len(starts),
+              "successful_windows": int(done.sum()), "choice_low": choice_low.tolist(), "choice_high": choice_high.tolist()}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=config, name=run_name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    print(f"{dataset_id}: {len(starts)} {'high-level' if c > 1 else 'low-level'} transitions (c = {c}), "
+          f"{int(done.sum())} of them reach the goal; {args.total_steps} CQL steps; run dir {run_dir}")
+
+    task_policy = TanhGaussianPolicy(obs_dim, choice_dim, choice_low, choice_high, args.hidden_dim, args.policy_layers).to(device)
+    critics = Critics(obs_dim, choice_dim, args.hidden_dim, args.critic_layers).to(device)
+    for module in (task_policy, critics):
+        module.normalize.fit(data["observations"])
+    target_critics = copy.deepcopy(critics).requires_grad_(False)
+    log_alpha = torch.zeros((), device=device, requires_grad=True)  # entropy temperature, tuned (SAC)
+    log_alpha_prime = torch.zeros((), device=device, requires_grad=True)  # CQL weight multiplier (Lagrange)
+    target_entropy = -float(choice_dim)
+    policy_optimizer = torch.optim.Adam(task_policy.parameters(), lr=args.policy_lr, fused=True)
+    critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_lr, fused=True)
+    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.policy_lr)
+    alpha_prime_optimizer = torch.optim.Adam([log_alpha_prime], lr=args.critic_lr)
+    sampler = torch.Generator(device=device).manual_seed(args.seed)
+    uniform_log_density = -(choice_high - choice_low).log().sum()
+    n = args.cql_n_actions
+
+    checkpoint_path = run_dir / "opal_cql.pt"
+    summary = {}
+
+    def checkpoint(step: int):
+        broken = non_finite_module(task_policy=task_policy, critics=critics)
+        if broken:
+            finite_or_stop({f"a parameter of the {broken}": math.nan}, step)
+        save_checkpoint(checkpoint_path, {
+            "script": "opal_cql", "args": asdict(args), "seed": args.seed, "dataset_id": dataset_id,
+            "env_id": dataset.env_spec.id if dataset.env_spec is not None else None, "obs_layout": layout,
+            "obs_dim": obs_dim, "act_dim": act_dim, "act_low": act_low.tolist(), "act_high": act_high.tolist(),
+            "primitives": args.primitives, "c": c, "choice_dim": choice_dim,
+            "choice_low": choice_low.tolist(), "choice_high": choice_high.tolist(),
+            "vae_ckpt": str(args.vae_ckpt) if vae is not None else None,
+            "latent_dim": vae["latent_dim"] if vae is not None else None,
+            "hidden_dim": vae["hidden_dim"] if vae is not None else None,
+            "primitive_policy": primitive_policy.state_dict() if vae is not None else None,
+            "task_policy": task_policy.state_dict(), "critics": critics.state_dict(),
+            "target_critics": target_critics.state_dict(), "policy_hidden_dim": args.hidden_dim,
+            "policy_layers": args.policy_layers, "step": step, "summary": dict(summary),
+            "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()},
+        })
+
+    stop_requested = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, frame: stop_requested.append(number))
+
+    def finite_or_stop(values: dict, step: int):
+        for name, value in values.items():
+            if not math.isfinite(value):
+                writer.close()
+                fail(f"{name} became {value} at CQL step {step}; stopped. The last good checkpoint is "
+                     f"{checkpoint_path if checkpoint_path.exists() else 'not written yet'}.")
+
+    envs = make_eval_envs(dataset, args.num_envs)
+
+    def run_evaluation(step, episodes, seed_offset):
+        success_rate, mean_return, score = evaluate(envs, layout, task_policy, primitive_policy, c, episodes,
+                                                    args.seed + seed_offset, act_low, act_high, kitchen)
+        writer.add_scalar("eval/success_rate", success_rate, step)
+        writer.add_scalar("eval/return", mean_return, step)
+        writer.add_scalar("eval/normalized_score", score, step)
+        best = max(summary.get("best_normalized_score", -math.inf), score)
+        summary.update(last_normalized_score=score, best_normalized_score=best, last_success_rate=success_rate)
+        tqdm.write(f"step {step}: normalized score {score:.1f} (success {success_rate:.2f}, return {mean_return:.2f}, "
+                   f"{episodes} episodes); best so far {best:.1f}")
+
+    start_time = time.time()
+    progress = tqdm(range(1, args.total_steps + 1), desc=f"CQL ({args.primitives})", mininterval=2)
+    for step in progress:
+        batch = torch.randint(len(starts), (args.batch_size,), device=device, generator=sampler)
+        s, choice, reward, s_next, not_done = states[batch], choices[batch], returns[batch], next_states[batch], 1 - done[batch]
+
+        # Critic targets: max over n sampled next choices of the min over the target critics
+        with torch.no_grad():
+            if args.max_target_backup:
+                next_choice, _ = task_policy(s_next.repeat_interleave(n, 0))
+                next_q = target_critics(s_next.repeat_interleave(n, 0), next_choice).min(0).values
+                next_q = next_q.view(-1, n).max(1).values
+            else:
+                next_choice, _ = task_policy(s_next)
+                next_q = target_critics(s_next, next_choice).min(0).values
+            target_q = reward + not_done * discount * next_q
+        q_data = critics(s, choice)  # (2, B)
+        td_loss = 0.5 * ((q_data - target_q) ** 2).mean(1).sum()
+
+        # CQL regulariser: push down logsumexp of Q over sampled choices, push up Q of the data's choice
+        s_rep = s.repeat_interleave(n, 0)
+        random_choice = choice_low + (choice_high - choice_low) * torch.rand(len(s_rep), choice_dim, device=device)
+        with torch.no_grad():
+            policy_choice, policy_log_prob = task_policy(s_rep)
+            next_policy_choice, next_policy_log_prob = task_policy(s_next.repeat_interleave(n, 0))
+        sampled_q = torch.cat([  # importance-sampled: subtract the log density of each proposal
+            (critics(s_rep, random_choice) - uniform_log_density).view(2, -1, n),
+            (critics(s_rep, policy_choice) - policy_log_prob).view(2, -1, n),
+            (critics(s_rep, next_policy_choice) - next_policy_log_prob).view(2, -1, n),
+        ], -1)
+        cql_gap = (torch.logsumexp(sampled_q, -1) - q_data).mean(1)  # (2,)
+        if args.lagrange:
+            alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
+            cql_loss = (alpha_prime.detach() * args.cql_alpha * (cql_gap - args.target_action_gap)).sum()
+            alpha_prime_loss = -(log_alpha_prime.exp().clamp(0.0, 1e6) * args.cql_alpha
+                                 * (cql_gap.detach() - args.target_action_gap)).sum()
+            alpha_prime_optimizer.zero_grad(set_to_none=True)
+            alpha_prime_loss.backward()
+            alpha_prime_optimizer.step()
+        else:
+            alpha_prime = torch.ones((), device=device)
+            cql_loss = (args.cql_alpha * cql_gap).sum()
+        critic_loss = td_loss + cql_loss
+        critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        critic_optimizer.step()
+
+        # Task policy (SAC actor with tuned entropy), or behaviour cloning of the data's choices at first
+        new_choice, log_prob = task_policy(s)
+        alpha = log_alpha.exp().detach()
+        if step <= args.policy_bc_steps:
+            policy_loss = (alpha * log_prob - task_policy.log_prob(s, choice)).mean()
+        else:
+            policy_loss = (alpha * log_prob - critics(s, new_choice).min(0).values).mean()
+        policy_optimizer.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        policy_optimizer.step()
+        alpha_loss = -(log_alpha * (log_prob.detach() + target_entropy)).mean()
+        alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        alpha_optimizer.step()
+
+        with torch.no_grad():  # Polyak averaging of the target critics
+            torch._foreach_lerp_(list(target_critics.parameters()), list(critics.parameters()), args.tau)
+
+        save_now = step % args.save_every == 0 or bool(stop_requested)
+        if step % args.log_every == 0 or step == args.total_steps or save_now:
+            values = {"losses/td_loss": td_loss.item(), "losses/cql_loss": cql_loss.item(),
+                      "losses/cql_gap": cql_gap.mean().item(), "losses/policy_loss": policy_loss.item(),
+                      "losses/q_data": q_data.mean().item(), "losses/alpha": alpha.item(),
+                      "losses/alpha_prime": alpha_prime.item()}
+            finite_or_stop(values, step)
+            sps = step / (time.time() - start_time)
+            for key, value in values.items():
+                writer.add_scalar(key, value, step)
+            writer.add_scalar("charts/SPS", sps, step)
+            progress.set_postfix(q=f"{values['losses/q_data']:.1f}", gap=f"{values['losses/cql_gap']:.2f}", sps=f"{sps:.0f}")
+            summary.update(td_loss=values["losses/td_loss"], q_data=values["losses/q_data"], steps=step, sps=sps)
+        if save_now:
+            checkpoint(step)
+        if stop_requested:
+            print(f"stopped by signal at CQL step {step}; checkpoint written to {checkpoint_path}")
+            sys.exit(130)
+        if step % args.eval_every == 0 and step < args.total_steps and args.eval_episodes_during > 0:
+            run_evaluation(step, args.eval_episodes_during, 10_000 + step)
+    progress.close()
+
+    run_evaluation(args.total_steps, args.eval_episodes, 10_000)
+    checkpoint(args.total_steps)
+    if args.capture_video:
+        import imageio
+        video_env = gym.make(eval_env.spec, render_mode="rgb_array")
+        frames, (obs, _) = [], video_env.reset(seed=args.seed + 10_000)
+        done_video = False
+        while not done_video:
+            state = torch.as_tensor(flatten_observation(obs, layout), device=device)[None]
+            choice, _ = task_policy(state, deterministic=True)
+            for _ in range(c):
+                action = choice if primitive_policy is None else primitive_policy(state, choice)[0]
+                obs, _, terminated, truncated, _ = video_env.step(np.clip(action[0].detach().cpu().numpy(), act_low, act_high))
+                frames.append(video_env.render())
+                state = torch.as_tensor(flatten_observation(obs, layout), device=device)[None]
+                done_video = terminated or truncated
+                if done_video:
+                    break
+        imageio.mimsave(run_dir / "eval.mp4", frames, fps=30)
+    print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    print(f"checkpoint: {checkpoint_path}")
+    envs.close()
+    writer.close()
+    if args.track:
+        wandb.finish()

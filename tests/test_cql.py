@@ -1,0 +1,137 @@
+"""opal_cql.py: the relabeller against hand computations, end-to-end runs in both modes, refusals."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import opal_cql as oc
+from conftest import run_script
+
+TINY = ["--hidden-dim", 32, "--critic-layers", 2, "--policy-layers", 2, "--batch-size", 32, "--cql-n-actions", 3,
+        "--total-steps", 30, "--log-every", 10, "--eval-every", 20, "--eval-episodes", 2, "--eval-episodes-during", 2,
+        "--num-envs", 2]
+
+
+def run_cql(sandbox, *arguments):
+    return run_script(sandbox, "opal_cql.py", *TINY, "--runs-dir", sandbox["base"] / "cql-runs", *arguments)
+
+
+def test_relabel_by_hand():
+    # one episode of 6 steps (rows 0..6), c = 3; the goal is reached by the transition s_2 -> s_3
+    rewards = torch.tensor([0.0, 0, 1, 0, 0, 0, 0])
+    starts = torch.tensor([0, 3])
+    returns, done, next_rows = oc.relabel(None, starts, 3, rewards * 10 - 5, rewards, gamma=0.5)
+    assert returns.tolist() == pytest.approx([-5 - 2.5 + 0.25 * 5, -5 - 2.5 - 1.25])
+    assert done.tolist() == [1.0, 0.0] and next_rows.tolist() == [3, 6]
+
+
+def test_relabel_stops_at_the_first_termination():
+    # the goal is reached by s_1 -> s_2: the window ends there, its later rewards do not count
+    rewards = torch.tensor([0.0, 1, 1, 0, 0])
+    returns, done, next_rows = oc.relabel(None, torch.tensor([0]), 4, rewards, rewards, gamma=0.9)
+    assert returns.tolist() == pytest.approx([0.9]) and done.tolist() == [1.0] and next_rows.tolist() == [2]
+
+
+def test_relabel_with_stride_one_windows():
+    rewards = torch.arange(8, dtype=torch.float32)
+    starts = oc.window_starts(torch.tensor([7]), 2, stride=1)
+    returns, done, next_rows = oc.relabel(None, starts, 2, rewards, torch.zeros(8), gamma=0.5)
+    assert returns.tolist() == [t + 0.5 * (t + 1) for t in range(6)]
+    assert next_rows.tolist() == list(range(2, 8)) and done.sum() == 0
+
+
+def test_task_rewards_use_the_evaluation_goal():
+    maze = SimpleNamespace(unique_goal_locations=[np.array([1.0, 2.0])])
+    eval_env = SimpleNamespace(unwrapped=SimpleNamespace(maze=maze))
+    # two episodes of 2 steps: rows 0-2 and 3-5; the dataset's own rewards are ignored
+    achieved = torch.tensor([[0, 0], [1, 2.4], [5, 5], [1.3, 2.3], [9, 9], [1, 2]], dtype=torch.float32)
+    data = {"achieved_goal": achieved, "rewards": torch.ones(6), "episode_lengths": torch.tensor([2, 2])}
+    rewards, dones = oc.task_rewards(data, eval_env, "x")
+    # r_t looks at s_{t+1}; row 2 is the padding after episode 0 (s_3 belongs to episode 1), row 5 too
+    assert rewards.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert torch.equal(rewards, dones)
+
+
+def test_tanh_policy_stays_in_its_box_and_log_prob_matches():
+    torch.manual_seed(0)
+    policy = oc.TanhGaussianPolicy(3, 2, torch.tensor([-2.0, 0.0]), torch.tensor([2.0, 1.0]), 16, 2)
+    actions, log_prob = policy(torch.randn(500, 3))
+    assert (actions[:, 0].abs() < 2).all() and (actions[:, 1] > 0).all() and (actions[:, 1] < 1).all()
+    states = torch.randn(4, 3)
+    torch.manual_seed(1)
+    sampled, sampled_log_prob = policy(states)
+    assert torch.allclose(policy.log_prob(states, sampled), sampled_log_prob, atol=1e-3)
+
+
+def test_vectorized_critics_match_separate_networks():
+    critics = oc.Critics(3, 2, 8, layers=2)
+    states, actions = torch.randn(5, 3), torch.randn(5, 2)
+    together = critics(states, actions)
+    x = torch.cat([critics.normalize(states), actions], -1)
+    for member in range(2):
+        h = x
+        for layer in critics.net:
+            h = h @ layer.weight[member] + layer.bias[member, 0] if isinstance(layer, oc.VectorizedLinear) else layer(h)
+        assert torch.allclose(together[member], h.squeeze(-1), atol=1e-6)
+
+
+def scalars(run_dir, tag):
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [event.value for event in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("family", ["pointmaze", "antmaze", "kitchen"])
+@pytest.mark.parametrize("primitives", ["opal", "none"])
+def test_cql_runs_end_to_end(sandbox, datasets, vae_checkpoints, family, primitives):
+    extra = ["--vae-ckpt", vae_checkpoints[family]] if primitives == "opal" else []
+    result = run_cql(sandbox, "--dataset-id", datasets[family], "--primitives", primitives, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 20: normalized score" in result.stdout and "step 30: normalized score" in result.stdout
+    checkpoint_path = Path([l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1][12:])
+    run_dir = checkpoint_path.parent
+    q_values = scalars(run_dir, "losses/q_data")
+    assert len(q_values) == 3 and len(set(q_values)) == 3  # the critics really moved
+    assert len(scalars(run_dir, "eval/normalized_score")) == 2
+    payload = oc.load_checkpoint(checkpoint_path, "opal_cql")
+    assert payload["primitives"] == primitives and payload["c"] == (10 if primitives == "opal" else 1)
+    # the checkpoint alone can act: rebuild the task policy (and primitive policy) and roll out one step
+    policy = oc.TanhGaussianPolicy(payload["obs_dim"], payload["choice_dim"], torch.tensor(payload["choice_low"]),
+                                   torch.tensor(payload["choice_high"]), 32, 2)
+    policy.load_state_dict(payload["task_policy"])
+    choice, _ = policy(torch.zeros(1, payload["obs_dim"]), deterministic=True)
+    if primitives == "opal":
+        primitive_policy = oc.PrimitivePolicy(payload["obs_dim"], payload["act_dim"], payload["latent_dim"],
+                                              payload["hidden_dim"])
+        primitive_policy.load_state_dict(payload["primitive_policy"])
+        assert primitive_policy(torch.zeros(1, payload["obs_dim"]), choice)[0].shape == (1, payload["act_dim"])
+    else:
+        assert choice.shape == (1, payload["act_dim"])
+
+
+def assert_refused(result, *fragments):
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr[-2000:]
+
+
+def test_cql_refuses_a_checkpoint_of_another_dataset(sandbox, datasets, vae_checkpoints):
+    result = run_cql(sandbox, "--dataset-id", datasets["antmaze"], "--vae-ckpt", vae_checkpoints["pointmaze"])
+    assert_refused(result, "does not fit this run: its dataset_id is 'opal/pointmaze-large-diverse-v0'")
+
+
+def test_cql_refuses_bad_checkpoint_files(sandbox, datasets, vae_checkpoints, tmp_path):
+    assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", tmp_path / "nope.pt"),
+                   "does not exist")
+    truncated = tmp_path / "opal_vae.pt"
+    truncated.write_bytes(vae_checkpoints["pointmaze"].read_bytes()[:1000])
+    assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", truncated), "truncated")
+    assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"]), "--primitives opal needs --vae-ckpt")
+    other_script = tmp_path / "opal_cql.pt"
+    oc.save_checkpoint(other_script, {"script": "opal_cql", "dataset_id": datasets["pointmaze"]})
+    assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", other_script),
+                   "written by opal_cql.py, but a opal_vae.py checkpoint is needed")
