@@ -20,6 +20,7 @@ Writes: $MINARI_DATASETS_PATH/<dataset id>/  (default ~/.minari/datasets), e.g. 
 
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -270,7 +271,8 @@ def write_dataset(args: Args, dataset_id: str, buffers, data_env, eval_env):
             dataset_id=dataset_id, buffer=buffers, env=data_env, eval_env=eval_env.spec,
             algorithm_name=f"opal collect_data.py --kind {args.kind}", author="opal",
             author_email="opal@example.invalid", code_permalink="collect_data.py",
-            ref_min_score=0.0 if "maze" in args.env else None, ref_max_score=1.0 if "maze" in args.env else None,
+            # D4RL's reference scores: mazes 0 / 1 (success), kitchen 0 / 4 (tasks completed)
+            ref_min_score=0.0, ref_max_score=1.0 if "maze" in args.env else 4.0,
             description=f"{args.kind} data for {args.env} (seed {args.seed}, action noise {args.action_noise})",
             data_format="hdf5",
         )
@@ -314,4 +316,6 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
+    # SIGTERM raises SystemExit like Ctrl-C raises KeyboardInterrupt, so the staging folder is always removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     main(tyro.cli(Args))

@@ -66,6 +66,8 @@ class Args:
     """write eval.mp4 of one evaluation episode at the end (headless: MUJOCO_GL=egl)"""
     device: str = "auto"
     """torch device: auto (cuda if available), cpu, cuda, ..."""
+    bf16: bool = False
+    """run the forward passes under torch.autocast(bfloat16): faster on CPUs with AMX / AVX-512 BF16 and on GPUs"""
     runs_dir: str = "runs"
     """folder that receives the run directory"""
     save_every: int = 10_000
@@ -80,6 +82,8 @@ class Args:
     """evaluation episodes at each intermediate evaluation"""
     num_envs: int = 10
     """parallel evaluation environments (gymnasium.vector.SyncVectorEnv)"""
+    resume: Optional[str] = None
+    """continue an interrupted run from its opal_cql.pt (or run directory), with the arguments saved in it"""
 
     # CQL; defaults follow CORL's antmaze configuration (see README) unless marked "ours"
     total_steps: int = 1_000_000
@@ -310,7 +314,8 @@ class Normalizer(nn.Module):
 
 
 def gaussian_head(output: torch.Tensor):
-    mean, log_std = output.chunk(2, dim=-1)
+    """(mean, clamped log-std) from a network's output, in float32 even under bf16 autocast."""
+    mean, log_std = output.float().chunk(2, dim=-1)
     return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
@@ -473,6 +478,32 @@ def load_checkpoint(path, script: str) -> dict:
     return payload
 
 
+def stop_signals() -> list:
+    """SIGINT and SIGTERM append to the returned list instead of killing the process: the training loop
+    sees the list is non-empty, writes its checkpoint and exits (code 130); a second signal is also caught."""
+    received = []
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda signum, frame: received.append(signum))
+    return received
+
+
+def resumed_args(args, script: str):
+    """For --resume: (checkpoint payload, the run's saved Args, its run directory), or stop with a reason."""
+    payload = load_checkpoint(args.resume, script)
+    path = Path(args.resume)
+    run_dir = path if path.is_dir() else path.parent
+    try:
+        saved = type(args)(**{**payload["args"], "resume": args.resume})
+    except TypeError as error:
+        fail(f"{args.resume} was written with other arguments than this script knows ({error}); it cannot be resumed.")
+    if payload.get("finished"):
+        print(f"{run_dir} is a finished run; nothing to resume.")
+        sys.exit(0)
+    print(f"resuming {run_dir} at step {payload['step']} ({payload.get('phase', 'training')}) with the arguments "
+          "saved in its checkpoint; other flags on this command line are ignored")
+    return payload, saved, run_dir
+
+
 def non_finite_module(**modules) -> Optional[str]:
     """Name of the first module with a NaN or inf parameter, or None: checked before every save."""
     for name, module in modules.items():
@@ -495,13 +526,13 @@ def make_eval_envs(dataset, num_envs):
 
 
 @torch.no_grad()
-def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act_low, act_high, kitchen=False):
-    """Run `episodes` evaluation episodes; returns (success rate, mean return, normalised score).
+def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act_low, act_high):
+    """Run `episodes` evaluation episodes; returns (success rate, mean undiscounted return).
 
     Every c steps the task policy picks z (deterministically, tanh of its mean) in every environment, then the
     primitive policy's mean action, clipped to the action bounds, acts for c steps. Without primitives
     (primitive_policy None, c = 1) the task policy's action acts directly. An episode succeeds when any of
-    its steps reports success; the score is 100 x success rate for mazes, 100 x tasks done / 4 for kitchen.
+    its steps reports success.
     """
     device = next(task_policy.parameters()).device
     successes, returns = [], []
@@ -528,24 +559,41 @@ def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act
                 states = torch.as_tensor(flatten_observation(obs, layout), device=device)
         successes.extend(success.tolist())
         returns.extend(episode_return.tolist())
-    successes, returns = np.array(successes[:episodes]), np.array(returns[:episodes])
-    score = 100 * returns.mean() / 4 if kitchen else 100 * successes.mean()
-    return float(successes.mean()), float(returns.mean()), float(score)
+    return float(np.mean(successes[:episodes])), float(np.mean(returns[:episodes]))
+
+
+def normalized_score(dataset, eval_env, success_rate, mean_return):
+    """D4RL's normalised score: 100 x success rate for mazes; otherwise 100 x (return - ref min) / (ref max - ref
+    min) with the dataset's reference scores (kitchen: 0 and 4 tasks), NaN when the dataset has none."""
+    if hasattr(eval_env.unwrapped, "maze"):
+        return 100.0 * success_rate
+    try:
+        return 100.0 * float(minari.get_normalized_score(dataset, np.array([mean_return]))[0])
+    except ValueError:
+        return math.nan
 # --- end shared ---
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    stop_requested = stop_signals()
+    resumed = None
+    if args.resume:
+        resumed, args, resumed_dir = resumed_args(args, "opal_cql")
     for name in ("total_steps", "batch_size", "hidden_dim", "policy_layers", "critic_layers", "cql_n_actions",
                  "save_every", "log_every", "eval_every", "eval_episodes", "num_envs"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     if args.policy_bc_steps < 0 or args.eval_episodes_during < 0 or (args.relabel_stride or 1) < 1:
         fail("--policy-bc-steps, --eval-episodes-during and --relabel-stride cannot be negative or zero.")
+    if args.vae_ckpt:
+        args.vae_ckpt = str(Path(args.vae_ckpt).resolve())  # saved in opal_cql.pt; resuming elsewhere still finds it
     if args.primitives == "opal" and not args.vae_ckpt:
         fail("--primitives opal needs --vae-ckpt runs/<opal_vae run>/opal_vae.pt (train one with opal_vae.py), "
              "or use --primitives none for plain CQL.")
 
+    if args.capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering without a display
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -564,7 +612,6 @@ if __name__ == "__main__":
         check_checkpoint(vae, args.vae_ckpt, obs_layout=layout, obs_dim=obs_dim, act_dim=act_dim)
     c = vae["c"] if vae is not None else 1
     eval_env = dataset.recover_environment(eval_env=True)
-    kitchen = not hasattr(eval_env.unwrapped, "maze")
 
     # Relabel: high-level transitions (s_0, z, Σ γ^t r'_t, s_k, done) over windows inside one episode
     rewards, dones = task_rewards(data, eval_env, dataset_id)
@@ -596,10 +643,15 @@ if __name__ == "__main__":
     discount = args.gamma ** c  # the high-level Bellman backup discounts by γ^c
     choice_dim = choices.shape[1]
 
-    run_name = f"{args.exp_name}__{args.dataset_id.replace('/', '-') if args.dataset_id else args.env}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.runs_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {**asdict(args), "dataset_id": dataset_id, "c": c, "transitions": len(starts),
+    if resumed is not None:
+        run_dir = resumed_dir
+        run_name = run_dir.name
+    else:
+        run_name = f"{args.exp_name}__{args.dataset_id.replace('/', '-') if args.dataset_id else args.env}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.runs_dir) / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+    config = {**asdict(args), **{f"version_{k}": v for k, v in library_versions().items()},
+              "dataset_id": dataset_id, "c": c, "transitions": len(starts),
               "successful_windows": int(done.sum()), "choice_low": choice_low.tolist(), "choice_high": choice_high.tolist()}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     if args.track:
@@ -625,12 +677,26 @@ if __name__ == "__main__":
     alpha_prime_optimizer = torch.optim.Adam([log_alpha_prime], lr=args.critic_lr)
     sampler = torch.Generator(device=device).manual_seed(args.seed)
     uniform_log_density = -(choice_high - choice_low).log().sum()
-    n = args.cql_n_actions
+    n, batch_size = args.cql_n_actions, args.batch_size
 
     checkpoint_path = run_dir / "opal_cql.pt"
-    summary = {}
+    summary, first_step = {}, 1
+    optimizers = {"policy_optimizer": policy_optimizer, "critic_optimizer": critic_optimizer,
+                  "alpha_optimizer": alpha_optimizer, "alpha_prime_optimizer": alpha_prime_optimizer}
+    if resumed is not None:  # networks, optimisers, temperatures, step counter and random number generators
+        task_policy.load_state_dict(resumed["task_policy"])
+        critics.load_state_dict(resumed["critics"])
+        target_critics.load_state_dict(resumed["target_critics"])
+        with torch.no_grad():
+            log_alpha.copy_(resumed["log_alpha"])
+            log_alpha_prime.copy_(resumed["log_alpha_prime"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(resumed[name])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        sampler.set_state(resumed["rng"]["sampler"])
+        summary, first_step = dict(resumed["summary"]), resumed["step"] + 1
 
-    def checkpoint(step: int):
+    def checkpoint(step: int, finished: bool = False):
         broken = non_finite_module(task_policy=task_policy, critics=critics)
         if broken:
             finite_or_stop({f"a parameter of the {broken}": math.nan}, step)
@@ -646,13 +712,11 @@ if __name__ == "__main__":
             "primitive_policy": primitive_policy.state_dict() if vae is not None else None,
             "task_policy": task_policy.state_dict(), "critics": critics.state_dict(),
             "target_critics": target_critics.state_dict(), "policy_hidden_dim": args.hidden_dim,
-            "policy_layers": args.policy_layers, "step": step, "summary": dict(summary),
+            "policy_layers": args.policy_layers, "step": step, "finished": finished, "summary": dict(summary),
+            "log_alpha": log_alpha.detach().clone(), "log_alpha_prime": log_alpha_prime.detach().clone(),
+            **{name: optimizer.state_dict() for name, optimizer in optimizers.items()},
             "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()},
         })
-
-    stop_requested = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda number, frame: stop_requested.append(number))
 
     def finite_or_stop(values: dict, step: int):
         for name, value in values.items():
@@ -664,52 +728,57 @@ if __name__ == "__main__":
     envs = make_eval_envs(dataset, args.num_envs)
 
     def run_evaluation(step, episodes, seed_offset):
-        success_rate, mean_return, score = evaluate(envs, layout, task_policy, primitive_policy, c, episodes,
-                                                    args.seed + seed_offset, act_low, act_high, kitchen)
+        success_rate, mean_return = evaluate(envs, layout, task_policy, primitive_policy, c, episodes,
+                                             args.seed + seed_offset, act_low, act_high)
+        score = normalized_score(dataset, eval_env, success_rate, mean_return)
         writer.add_scalar("eval/success_rate", success_rate, step)
         writer.add_scalar("eval/return", mean_return, step)
         writer.add_scalar("eval/normalized_score", score, step)
-        best = max(summary.get("best_normalized_score", -math.inf), score)
+        best = max(summary.get("best_normalized_score", -math.inf), score) if math.isfinite(score) else score
         summary.update(last_normalized_score=score, best_normalized_score=best, last_success_rate=success_rate)
         tqdm.write(f"step {step}: normalized score {score:.1f} (success {success_rate:.2f}, return {mean_return:.2f}, "
                    f"{episodes} episodes); best so far {best:.1f}")
 
     start_time = time.time()
-    progress = tqdm(range(1, args.total_steps + 1), desc=f"CQL ({args.primitives})", mininterval=2)
+    progress = tqdm(range(first_step, args.total_steps + 1), desc=f"CQL ({args.primitives})", mininterval=2,
+                    initial=first_step - 1, total=args.total_steps)
     for step in progress:
-        batch = torch.randint(len(starts), (args.batch_size,), device=device, generator=sampler)
+        batch = torch.randint(len(starts), (batch_size,), device=device, generator=sampler)
         s, choice, reward, s_next, not_done = states[batch], choices[batch], returns[batch], next_states[batch], 1 - done[batch]
 
-        # Critic targets: max over n sampled next choices of the min over the target critics
-        with torch.no_grad():
-            if args.max_target_backup:
-                next_choice, _ = task_policy(s_next.repeat_interleave(n, 0))
-                next_q = target_critics(s_next.repeat_interleave(n, 0), next_choice).min(0).values
-                next_q = next_q.view(-1, n).max(1).values
-            else:
-                next_choice, _ = task_policy(s_next)
-                next_q = target_critics(s_next, next_choice).min(0).values
-            target_q = reward + not_done * discount * next_q
-        q_data = critics(s, choice)  # (2, B)
-        td_loss = 0.5 * ((q_data - target_q) ** 2).mean(1).sum()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            # Critic targets: max over n sampled next choices of the min over the target critics
+            with torch.no_grad():
+                if args.max_target_backup:
+                    next_choice, _ = task_policy(s_next.repeat_interleave(n, 0))
+                    next_q = target_critics(s_next.repeat_interleave(n, 0), next_choice).min(0).values
+                    next_q = next_q.view(-1, n).max(1).values
+                else:
+                    next_choice, _ = task_policy(s_next)
+                    next_q = target_critics(s_next, next_choice).min(0).values
+                target_q = reward + not_done * discount * next_q.float()
 
-        # CQL regulariser: push down logsumexp of Q over sampled choices, push up Q of the data's choice
-        s_rep = s.repeat_interleave(n, 0)
-        random_choice = choice_low + (choice_high - choice_low) * torch.rand(len(s_rep), choice_dim, device=device)
-        with torch.no_grad():
-            policy_choice, policy_log_prob = task_policy(s_rep)
-            next_policy_choice, next_policy_log_prob = task_policy(s_next.repeat_interleave(n, 0))
-        sampled_q = torch.cat([  # importance-sampled: subtract the log density of each proposal
-            (critics(s_rep, random_choice) - uniform_log_density).view(2, -1, n),
-            (critics(s_rep, policy_choice) - policy_log_prob).view(2, -1, n),
-            (critics(s_rep, next_policy_choice) - next_policy_log_prob).view(2, -1, n),
-        ], -1)
-        cql_gap = (torch.logsumexp(sampled_q, -1) - q_data).mean(1)  # (2,)
-        if args.lagrange:
+            # CQL's proposals at s: uniform on the box, π(·|s) and π(·|s'), n of each
+            s_rep = s.repeat_interleave(n, 0)
+            random_choice = choice_low + (choice_high - choice_low) * torch.rand(len(s_rep), choice_dim, device=device)
+            with torch.no_grad():
+                policy_choice, policy_log_prob = task_policy(s_rep)
+                next_policy_choice, next_policy_log_prob = task_policy(s_next.repeat_interleave(n, 0))
+            # one critic call for the data's choice and all 3n proposals
+            q_all = critics(torch.cat([s, s_rep, s_rep, s_rep]),
+                            torch.cat([choice, random_choice, policy_choice, next_policy_choice])).float()
+        q_data = q_all[:, :batch_size]  # (2, B)
+        td_loss = 0.5 * ((q_data - target_q) ** 2).mean(1).sum()
+        # importance sampling: subtract the log density of each proposal, then logsumexp over all 3n of them
+        proposal_log_density = torch.stack([uniform_log_density.expand(len(s_rep)), policy_log_prob.float(),
+                                            next_policy_log_prob.float()]).view(1, 3, batch_size, n)
+        sampled_q = (q_all[:, batch_size:].view(2, 3, batch_size, n) - proposal_log_density)
+        sampled_q = sampled_q.permute(0, 2, 1, 3).reshape(2, batch_size, 3 * n)
+        cql_gap = (torch.logsumexp(sampled_q, -1) - q_data).mean(1)  # (2,): E[logsumexp Q] - E_data[Q]
+        if args.lagrange:  # α' grows while the gap exceeds the target, shrinks (to 0) below it
             alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
             cql_loss = (alpha_prime.detach() * args.cql_alpha * (cql_gap - args.target_action_gap)).sum()
-            alpha_prime_loss = -(log_alpha_prime.exp().clamp(0.0, 1e6) * args.cql_alpha
-                                 * (cql_gap.detach() - args.target_action_gap)).sum()
+            alpha_prime_loss = -(alpha_prime * args.cql_alpha * (cql_gap.detach() - args.target_action_gap)).sum()
             alpha_prime_optimizer.zero_grad(set_to_none=True)
             alpha_prime_loss.backward()
             alpha_prime_optimizer.step()
@@ -722,16 +791,17 @@ if __name__ == "__main__":
         critic_optimizer.step()
 
         # Task policy (SAC actor with tuned entropy), or behaviour cloning of the data's choices at first
-        new_choice, log_prob = task_policy(s)
-        alpha = log_alpha.exp().detach()
-        if step <= args.policy_bc_steps:
-            policy_loss = (alpha * log_prob - task_policy.log_prob(s, choice)).mean()
-        else:
-            policy_loss = (alpha * log_prob - critics(s, new_choice).min(0).values).mean()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            new_choice, log_prob = task_policy(s)
+            alpha = log_alpha.exp().detach()
+            if step <= args.policy_bc_steps:
+                policy_loss = (alpha * log_prob - task_policy.log_prob(s, choice)).float().mean()
+            else:
+                policy_loss = (alpha * log_prob - critics(s, new_choice).min(0).values).float().mean()
         policy_optimizer.zero_grad(set_to_none=True)
         policy_loss.backward()
         policy_optimizer.step()
-        alpha_loss = -(log_alpha * (log_prob.detach() + target_entropy)).mean()
+        alpha_loss = -(log_alpha * (log_prob.detach().float() + target_entropy)).mean()
         alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss.backward()
         alpha_optimizer.step()
@@ -746,7 +816,7 @@ if __name__ == "__main__":
                       "losses/q_data": q_data.mean().item(), "losses/alpha": alpha.item(),
                       "losses/alpha_prime": alpha_prime.item()}
             finite_or_stop(values, step)
-            sps = step / (time.time() - start_time)
+            sps = (step - first_step + 1) / (time.time() - start_time)
             for key, value in values.items():
                 writer.add_scalar(key, value, step)
             writer.add_scalar("charts/SPS", sps, step)
@@ -762,7 +832,7 @@ if __name__ == "__main__":
     progress.close()
 
     run_evaluation(args.total_steps, args.eval_episodes, 10_000)
-    checkpoint(args.total_steps)
+    checkpoint(args.total_steps, finished=True)
     if args.capture_video:
         import imageio
         video_env = gym.make(eval_env.spec, render_mode="rgb_array")

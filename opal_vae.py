@@ -60,12 +60,18 @@ class Args:
     """the wandb entity (team)"""
     device: str = "auto"
     """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    bf16: bool = False
+    """run the forward pass under torch.autocast(bfloat16): faster on CPUs with AMX / AVX-512 BF16 and on GPUs"""
+    compile: bool = False
+    """torch.compile the β-VAE loss (compiles for about half a minute first)"""
     runs_dir: str = "runs"
     """folder that receives the run directory"""
     save_every: int = 5000
     """write the checkpoint every this many gradient steps (and always at the end or on Ctrl-C)"""
     log_every: int = 100
     """log losses and steps/s every this many gradient steps"""
+    resume: Optional[str] = None
+    """continue an interrupted run from its opal_vae.pt (or run directory), with the arguments saved in it"""
 
     # OPAL's β-VAE; defaults are the paper's (Ajay et al. 2021, appendix) unless marked "ours"
     c: int = 10
@@ -239,7 +245,8 @@ class Normalizer(nn.Module):
 
 
 def gaussian_head(output: torch.Tensor):
-    mean, log_std = output.chunk(2, dim=-1)
+    """(mean, clamped log-std) from a network's output, in float32 even under bf16 autocast."""
+    mean, log_std = output.float().chunk(2, dim=-1)
     return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
@@ -351,6 +358,32 @@ def load_checkpoint(path, script: str) -> dict:
     return payload
 
 
+def stop_signals() -> list:
+    """SIGINT and SIGTERM append to the returned list instead of killing the process: the training loop
+    sees the list is non-empty, writes its checkpoint and exits (code 130); a second signal is also caught."""
+    received = []
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda signum, frame: received.append(signum))
+    return received
+
+
+def resumed_args(args, script: str):
+    """For --resume: (checkpoint payload, the run's saved Args, its run directory), or stop with a reason."""
+    payload = load_checkpoint(args.resume, script)
+    path = Path(args.resume)
+    run_dir = path if path.is_dir() else path.parent
+    try:
+        saved = type(args)(**{**payload["args"], "resume": args.resume})
+    except TypeError as error:
+        fail(f"{args.resume} was written with other arguments than this script knows ({error}); it cannot be resumed.")
+    if payload.get("finished"):
+        print(f"{run_dir} is a finished run; nothing to resume.")
+        sys.exit(0)
+    print(f"resuming {run_dir} at step {payload['step']} ({payload.get('phase', 'training')}) with the arguments "
+          "saved in its checkpoint; other flags on this command line are ignored")
+    return payload, saved, run_dir
+
+
 def non_finite_module(**modules) -> Optional[str]:
     """Name of the first module with a NaN or inf parameter, or None: checked before every save."""
     for name, module in modules.items():
@@ -450,6 +483,10 @@ def draw_primitives(env, layout, prior, primitive_policy, c, path, latents=8, ch
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    stop_requested = stop_signals()
+    resumed = None
+    if args.resume:
+        resumed, args, resumed_dir = resumed_args(args, "opal_vae")
     for name in ("c", "latent_dim", "batch_size", "hidden_dim", "gru_layers", "save_every", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
@@ -479,11 +516,16 @@ if __name__ == "__main__":
     num_steps = args.num_steps or (100 * len(starts) // batch_size if is_paper_alias else 4000)
     bc_steps = args.bc_steps if args.bc_steps is not None else num_steps // 10
 
-    run_name = f"{args.exp_name}__{args.dataset_id.replace('/', '-') if args.dataset_id else args.env}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.runs_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resumed is not None:
+        run_dir = resumed_dir
+        run_name = run_dir.name
+    else:
+        run_name = f"{args.exp_name}__{args.dataset_id.replace('/', '-') if args.dataset_id else args.env}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.runs_dir) / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
     config = {**asdict(args), "dataset_id": dataset_id, "batch_size": batch_size, "num_steps": num_steps,
-              "bc_steps": bc_steps, "windows": len(starts), "obs_dim": obs_dim, "act_dim": act_dim}
+              "bc_steps": bc_steps, "windows": len(starts), "obs_dim": obs_dim, "act_dim": act_dim,
+              **{f"version_{k}": v for k, v in library_versions().items()}}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     if args.track:
         import wandb
@@ -507,7 +549,15 @@ if __name__ == "__main__":
     offsets = torch.arange(args.c, device=device)
 
     checkpoint_path = run_dir / "opal_vae.pt"
-    summary = {}
+    summary, phase, first_step = {}, "vae", 1
+    if resumed is not None:  # models, optimisers, step counters and random number generators as they were
+        for module, key in ((encoder, "encoder"), (prior, "prior"), (primitive_policy, "primitive_policy")):
+            module.load_state_dict(resumed[key])
+        optimizer.load_state_dict(resumed["optimizer"])
+        bc_optimizer.load_state_dict(resumed["bc_optimizer"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        sampler.set_state(resumed["rng"]["sampler"])
+        summary, phase, first_step = dict(resumed["summary"]), resumed["phase"], resumed["step"] + 1
 
     def checkpoint(phase: str, step: int):
         broken = non_finite_module(encoder=encoder, prior=prior, primitive_policy=primitive_policy)
@@ -521,13 +571,9 @@ if __name__ == "__main__":
             "c": args.c, "latent_dim": args.latent_dim, "hidden_dim": args.hidden_dim, "gru_layers": args.gru_layers,
             "encoder": encoder.state_dict(), "prior": prior.state_dict(), "primitive_policy": primitive_policy.state_dict(),
             "optimizer": optimizer.state_dict(), "bc_optimizer": bc_optimizer.state_dict(),
-            "phase": phase, "step": step, "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()},
+            "phase": phase, "step": step, "finished": phase == "done", "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()},
             "summary": dict(summary),
         })
-
-    stop_requested = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda number, frame: stop_requested.append(number))
 
     def finite_or_stop(values: dict, phase: str, step: int):
         """A non-finite loss stops the run; the checkpoint on disk stays the last good one."""
@@ -538,17 +584,21 @@ if __name__ == "__main__":
                      f"{checkpoint_path if checkpoint_path.exists() else 'not written yet (none was saved)'}. "
                      "Lower --learning-rate or check the dataset.")
 
+    vae_loss = torch.compile(beta_vae_loss) if args.compile else beta_vae_loss
+
     def sample_windows(size):
         rows = starts[torch.randint(len(starts), (size,), device=device, generator=sampler)][:, None] + offsets
         return data["observations"][rows], data["actions"][rows]
 
     # Phase 1: the β-VAE, Eq. (1): encoder, prior and primitive policy trained jointly
-    start_time, logged_step = time.time(), 0
+    start_time, logged_step = time.time(), first_step - 1 if phase == "vae" else 0
     loss_sums = torch.zeros(3, device=device)  # loss, nll, kl summed since the last log line (no host sync)
-    progress = tqdm(range(1, num_steps + 1), desc="β-VAE", mininterval=2)
+    start_step = first_step if phase == "vae" else num_steps + 1
+    progress = tqdm(range(start_step, num_steps + 1), desc="β-VAE", mininterval=2, initial=start_step - 1, total=num_steps)
     for step in progress:
         states, actions = sample_windows(batch_size)
-        loss, reconstruction_nll, kl = beta_vae_loss(encoder, prior, primitive_policy, states, actions, args.beta)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss, reconstruction_nll, kl = vae_loss(encoder, prior, primitive_policy, states, actions, args.beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -561,7 +611,7 @@ if __name__ == "__main__":
             logged_step = step
             values = dict(zip(("losses/vae_loss", "losses/reconstruction_nll", "losses/kl"), means))
             finite_or_stop(values, "β-VAE", step)
-            sps = step / (time.time() - start_time)
+            sps = (step - start_step + 1) / (time.time() - start_time)
             for key, value in values.items():
                 writer.add_scalar(key, value, step)
             writer.add_scalar("charts/SPS", sps, step)
@@ -582,8 +632,9 @@ if __name__ == "__main__":
         relabel_rows = relabel_starts[:, None] + offsets
         latents = torch.cat([encoder(data["observations"][rows], data["actions"][rows])[0]
                              for rows in relabel_rows.split(4096)])
-    start_time, logged_step, bc_sum = time.time(), 0, torch.zeros((), device=device)
-    progress = tqdm(range(1, bc_steps + 1), desc="BC fine-tuning", mininterval=2)
+    bc_start = first_step if phase == "bc" else 1
+    start_time, logged_step, bc_sum = time.time(), bc_start - 1, torch.zeros((), device=device)
+    progress = tqdm(range(bc_start, bc_steps + 1), desc="BC fine-tuning", mininterval=2, initial=bc_start - 1, total=bc_steps)
     for step in progress:
         chosen = torch.randint(len(relabel_starts), (batch_size,), device=device, generator=sampler)
         rows = relabel_rows[chosen]
@@ -594,7 +645,8 @@ if __name__ == "__main__":
         bc_nll.backward()
         bc_optimizer.step()
         bc_sum += bc_nll.detach()
-        if step % args.log_every == 0 or step == bc_steps or stop_requested:
+        save_now = step % args.save_every == 0 or bool(stop_requested)
+        if step % args.log_every == 0 or step == bc_steps or save_now:
             value = bc_sum.item() / (step - logged_step)
             bc_sum.zero_()
             logged_step = step
@@ -602,13 +654,14 @@ if __name__ == "__main__":
             writer.add_scalar("losses/bc_nll", value, num_steps + step)
             progress.set_postfix(nll=f"{value:.3f}")
             summary.update(bc_nll=value, bc_steps=step)
-        if stop_requested:
+        if save_now:
             checkpoint("bc", step)
+        if stop_requested:
             print(f"stopped by signal at BC step {step}; checkpoint written to {checkpoint_path}")
             sys.exit(130)
     progress.close()
 
-    # Evaluation: held-out-free diagnostics on a fixed set of windows, closed-loop rollouts, the picture
+    # Evaluation: diagnostics on a fixed set of training windows, closed-loop rollouts, the picture
     with torch.no_grad():
         eval_sampler = torch.Generator(device=device).manual_seed(12345)
         rows = starts[torch.randint(len(starts), (2048,), device=device, generator=eval_sampler)][:, None] + offsets
@@ -624,13 +677,13 @@ if __name__ == "__main__":
         print(f"no evaluation environment for {dataset_id} ({type(error).__name__}); skipping rollouts and picture")
     if eval_env is not None and hasattr(eval_env.unwrapped, "maze"):
         measured = rollout_error(eval_env, layout, data, starts, encoder, prior, primitive_policy, args.c,
-                                 seed=args.seed)
+                                 seed=args.seed + 10_000)
         if measured is not None:
             for name, value in zip(("rollout_xy_error", "rollout_xy_error_prior_mean", "data_xy_displacement"), measured):
                 summary[name] = value
                 writer.add_scalar(f"eval/{name}", value, num_steps + bc_steps)
         draw_primitives(eval_env, layout, prior, primitive_policy, args.c, run_dir / "primitives.png",
-                        latents=args.picture_latents, seed=args.seed)
+                        latents=args.picture_latents, seed=args.seed + 10_000)
         print(f"picture of the primitives: {run_dir / 'primitives.png'}")
     checkpoint("done", bc_steps)
     print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))

@@ -135,3 +135,46 @@ def test_cql_refuses_bad_checkpoint_files(sandbox, datasets, vae_checkpoints, tm
     oc.save_checkpoint(other_script, {"script": "opal_cql", "dataset_id": datasets["pointmaze"]})
     assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", other_script),
                    "written by opal_cql.py, but a opal_vae.py checkpoint is needed")
+
+
+def test_capture_video_writes_an_mp4(sandbox, datasets):
+    env = {k: v for k, v in sandbox["env"].items() if k != "MUJOCO_GL"}  # the script sets egl itself
+    result = run_script({**sandbox, "env": env}, "opal_cql.py", *TINY, "--dataset-id", datasets["pointmaze"],
+                        "--primitives", "none", "--total-steps", 10, "--capture-video",
+                        "--runs-dir", sandbox["base"] / "video-runs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    video = next((sandbox["base"] / "video-runs").glob("*/eval.mp4"))
+    assert video.stat().st_size > 10_000 and video.read_bytes()[4:8] == b"ftyp"
+
+
+def test_cql_same_seed_same_losses(sandbox, datasets, vae_checkpoints):
+    runs = []
+    for seed in (4, 4, 5):
+        result = run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", vae_checkpoints["pointmaze"],
+                         "--seed", seed, "--eval-every", 1000)
+        assert result.returncode == 0, result.stderr[-2000:]
+        run_dir = Path([l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1][12:]).parent
+        runs.append(scalars(run_dir, "losses/td_loss") + scalars(run_dir, "losses/policy_loss"))
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("flag", ["--total-steps", "--batch-size", "--cql-n-actions", "--eval-episodes"])
+def test_cql_bad_numbers(sandbox, flag):
+    result = run_script(sandbox, "opal_cql.py", "--primitives", "none", flag, 0)
+    assert_refused(result, f"{flag} must be at least 1, got 0")
+
+
+def test_cql_newer_checkpoint_format_is_refused(sandbox, datasets, vae_checkpoints, tmp_path):
+    payload = torch.load(vae_checkpoints["pointmaze"], weights_only=True)
+    payload["format_version"] = oc.CHECKPOINT_FORMAT_VERSION + 1
+    newer = tmp_path / "opal_vae.pt"
+    torch.save(payload, newer)
+    assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", newer), "newer than this script")
+
+
+def test_cql_refuses_other_dims(sandbox, datasets, vae_checkpoints, tmp_path):
+    payload = torch.load(vae_checkpoints["pointmaze"], weights_only=True)
+    payload["obs_dim"] = 29
+    other = tmp_path / "opal_vae.pt"
+    torch.save(payload, other)
+    assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", other), "its obs_dim is 29, this run has 4")

@@ -167,3 +167,48 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sandbox, datas
     payload = ov.load_checkpoint(run_dir, "opal_vae")
     assert all(torch.isfinite(v).all() for v in payload["encoder"].values())
     assert math.isfinite(payload["summary"]["vae_loss"])
+
+
+def test_unknown_dataset_id_offline(sandbox):
+    result = run_script(sandbox, "opal_vae.py", "--dataset-id", "nobody/nothing-v0", "--runs-dir", sandbox["base"] / "runs-x")
+    assert_clean_failure(result, "nobody/nothing-v0 is not stored locally and could not be downloaded", "minari list remote")
+    assert not (sandbox["base"] / "runs-x").exists()
+
+
+def test_missing_huggingface_hub_is_named(sandbox, tmp_path):
+    # a stand-in package that fails to import, as on a machine where minari was installed without [hf]
+    fake = tmp_path / "fake-site" / "huggingface_hub"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named huggingface_hub')\n")
+    env = {**sandbox["env"], "PYTHONPATH": str(tmp_path / "fake-site")}
+    result = run_script({**sandbox, "env": env}, "opal_vae.py", "--env", "kitchen-mixed")
+    assert_clean_failure(result, "D4RL/kitchen/mixed-v2 is not stored locally and downloading it needs huggingface_hub",
+                         "minari[hf]")
+
+
+def test_unwritable_store_when_generating(sandbox, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    env = {**sandbox["env"], "MINARI_DATASETS_PATH": str(blocked / "store")}
+    result = run_vae({**sandbox, "env": env}, "--env", "pointmaze-medium", expect_success=False)
+    assert_clean_failure(result, "Cannot write to the Minari store", "generating opal/pointmaze-medium-diverse-v0 failed")
+
+
+def test_track_logs_to_wandb_offline(sandbox, datasets, tmp_path):
+    env = {**sandbox["env"], "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    run_vae({**sandbox, "env": env}, "--dataset-id", datasets["pointmaze"], "--num-steps", 10, "--bc-steps", 0, "--track")
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_interrupted_generation_leaves_no_dataset(sandbox):
+    import signal, subprocess, sys, time
+    command = [sys.executable, str(Path(ov.__file__).with_name("collect_data.py")), "--env", "pointmaze-medium",
+               "--steps", "2000000", "--dataset-id", "test/interrupted-v0"]
+    process = subprocess.Popen(command, env=sandbox["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # well inside the collection of 2M steps
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    store = Path(sandbox["env"]["MINARI_DATASETS_PATH"])
+    assert process.returncode != 0
+    assert not (store / "test" / "interrupted-v0").exists()
+    assert not list(store.glob(".staging-*"))

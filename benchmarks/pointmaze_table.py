@@ -1,0 +1,92 @@
+"""The README's pointmaze-large table: CQL+OPAL versus plain CQL over several seeds, at a CPU-sized budget.
+
+Runs `opal_cql.py` once per (mode, seed), `--parallel` at a time with one torch thread each, then reads the
+final evaluation of every run from its opal_cql.pt and prints a markdown table (mean ± std over seeds).
+
+Run:  python benchmarks/pointmaze_table.py --vae-ckpt runs/<opal_vae run>/opal_vae.pt
+      python benchmarks/pointmaze_table.py --summarize-only --runs-dir runs/table   # table of finished runs
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    vae_ckpt: Optional[str] = None
+    """opal_vae.pt for the OPAL rows (required unless --summarize-only)"""
+    seeds: list = field(default_factory=lambda: [1, 2, 3])
+    """CQL seeds per mode"""
+    modes: list = field(default_factory=lambda: ["opal", "none"])
+    """--primitives values to run"""
+    runs_dir: str = "runs/table"
+    """where the runs go"""
+    parallel: int = 2
+    """runs at a time (each with one torch thread)"""
+    summarize_only: bool = False
+    """only print the table of the runs already in --runs-dir"""
+    cql_args: list = field(default_factory=lambda: [
+        "--env", "pointmaze-large", "--total-steps", "30000", "--hidden-dim", "256", "--critic-layers", "3",
+        "--policy-layers", "3", "--eval-every", "5000", "--eval-episodes", "100", "--eval-episodes-during", "20"])
+    """flags passed to every opal_cql.py run"""
+
+
+def summarize(runs_dir: Path):
+    rows = {}
+    for path in sorted(runs_dir.glob("*/opal_cql.pt")):
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not payload.get("finished"):
+            continue
+        rows.setdefault(payload["primitives"], []).append(payload["summary"])
+    print("| method | seeds | last normalized score | best normalized score | steps/s (1 thread) |")
+    print("|---|---|---|---|---|")
+    for mode, label in (("none", "CQL"), ("opal", "CQL+OPAL")):
+        summaries = rows.get(mode, [])
+        if not summaries:
+            continue
+        last = [s["last_normalized_score"] for s in summaries]
+        best = [s["best_normalized_score"] for s in summaries]
+        sps = [s["sps"] for s in summaries]
+        spread = lambda values: f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}"
+        print(f"| {label} | {len(summaries)} | {spread(last)} | {spread(best)} | {statistics.mean(sps):.0f} |")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    runs_dir = Path(args.runs_dir)
+    if not args.summarize_only:
+        if "opal" in args.modes and not args.vae_ckpt:
+            raise SystemExit("error: --vae-ckpt is needed for the opal rows")
+        commands = []
+        for seed in args.seeds:
+            for mode in args.modes:
+                extra = ["--vae-ckpt", args.vae_ckpt] if mode == "opal" else []
+                commands.append([sys.executable, str(ROOT / "opal_cql.py"), *args.cql_args, "--primitives", mode,
+                                 "--seed", str(seed), "--runs-dir", str(runs_dir), *extra])
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        running, start = [], time.time()
+        while commands or running:
+            while commands and len(running) < args.parallel:
+                command = commands.pop(0)
+                log = open(runs_dir / f"{command[command.index('--primitives') + 1]}-seed{command[command.index('--seed') + 1]}.log", "w")
+                print("running:", " ".join(command[1:]), flush=True)
+                running.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+            time.sleep(5)
+            for process in [p for p in running if p.poll() is not None]:
+                running.remove(process)
+                if process.returncode != 0:
+                    print(f"a run failed (exit {process.returncode}): {' '.join(process.args[1:])}", flush=True)
+        print(f"all runs done in {(time.time() - start) / 60:.0f} min")
+    summarize(runs_dir)

@@ -1,0 +1,87 @@
+"""Interruption and resume: a run stopped by a signal and resumed ends exactly where an uninterrupted run ends."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT, run_script
+
+VAE = ["--num-steps", 1500, "--bc-steps", 300, "--hidden-dim", 16, "--gru-layers", 1, "--batch-size", 16,
+       "--save-every", 100000, "--log-every", 50, "--picture-latents", 1]
+
+
+def interrupt_after_start(sandbox, script, arguments, marker, sig):
+    """Start `script`, send `sig` once `marker` appears on stdout, return (exit code, stdout)."""
+    process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, arguments)], env=sandbox["env"],
+                               cwd=sandbox["base"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if marker in line:
+            time.sleep(1.0)
+            process.send_signal(sig)
+            break
+    lines.extend(process.stdout)
+    return process.wait(timeout=300), "".join(lines)
+
+
+def checkpoint_path(stdout, name):
+    for line in stdout.splitlines():
+        if "checkpoint written to" in line or line.startswith("checkpoint: "):
+            return Path(line.split("checkpoint written to " if "written to" in line else "checkpoint: ")[1].strip())
+    raise AssertionError(f"no checkpoint path in:\n{stdout}")
+
+
+def same_tensors(first: dict, second: dict):
+    assert first.keys() == second.keys()
+    return all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_vae_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets):
+    common = [*VAE, "--dataset-id", datasets["pointmaze"], "--seed", 7]
+    straight = run_script(sandbox, "opal_vae.py", *common, "--runs-dir", sandbox["base"] / "resume-a")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    code, stdout = interrupt_after_start(sandbox, "opal_vae.py", [*common, "--runs-dir", sandbox["base"] / "resume-b"],
+                                         "β-VAE:", signal.SIGTERM)
+    assert code == 130 and "stopped by signal at β-VAE step" in stdout, stdout
+    interrupted = checkpoint_path(stdout, "opal_vae.pt")
+    step = torch.load(interrupted, weights_only=True)["step"]
+    assert 1 <= step < 1500
+    resumed = run_script(sandbox, "opal_vae.py", "--resume", interrupted.parent)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {interrupted.parent} at step {step}" in resumed.stdout
+    first = torch.load(checkpoint_path(straight.stdout, "opal_vae.pt"), weights_only=True)
+    second = torch.load(interrupted, weights_only=True)
+    assert second["phase"] == "done"
+    for key in ("encoder", "prior", "primitive_policy"):
+        assert same_tensors(first[key], second[key]), f"{key} differs after resume"
+    finished = run_script(sandbox, "opal_vae.py", "--resume", interrupted)
+    assert finished.returncode == 0 and "is a finished run; nothing to resume" in finished.stdout
+
+
+CQL = ["--hidden-dim", 32, "--critic-layers", 2, "--policy-layers", 2, "--batch-size", 32, "--cql-n-actions", 3,
+       "--total-steps", 1200, "--log-every", 100, "--eval-every", 400, "--eval-episodes", 2, "--eval-episodes-during", 2,
+       "--num-envs", 2, "--save-every", 100000]
+
+
+def test_cql_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets, vae_checkpoints):
+    common = [*CQL, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", vae_checkpoints["pointmaze"], "--seed", 5]
+    straight = run_script(sandbox, "opal_cql.py", *common, "--runs-dir", sandbox["base"] / "cql-resume-a")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    code, stdout = interrupt_after_start(sandbox, "opal_cql.py", [*common, "--runs-dir", sandbox["base"] / "cql-resume-b"],
+                                         "CQL steps; run dir", signal.SIGINT)
+    assert code == 130 and "stopped by signal at CQL step" in stdout, stdout
+    interrupted = checkpoint_path(stdout, "opal_cql.pt")
+    assert 1 <= torch.load(interrupted, weights_only=True)["step"] < 1200
+    resumed = run_script(sandbox, "opal_cql.py", "--resume", interrupted)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    first = torch.load(checkpoint_path(straight.stdout, "opal_cql.pt"), weights_only=True)
+    second = torch.load(interrupted, weights_only=True)
+    assert second["finished"] and second["step"] == 1200
+    for key in ("task_policy", "critics", "target_critics"):
+        assert same_tensors(first[key], second[key]), f"{key} differs after resume"
+    assert first["summary"]["last_normalized_score"] == second["summary"]["last_normalized_score"]
