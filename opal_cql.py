@@ -467,6 +467,9 @@ def load_checkpoint(path, script: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        if "Weights only load failed" in str(error):
+            fail(f"{path} holds Python objects besides tensors and plain values, so it is not an OPAL checkpoint "
+                 "(ours load with torch.load(weights_only=True)); it was not unpickled.")
         fail(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a torch file ({type(error).__name__}).")
     if not isinstance(payload, dict) or payload.get("format") != "opal":
         fail(f"{path} is a torch file but not an OPAL checkpoint.")

@@ -8,6 +8,7 @@ Run:  python benchmarks/pointmaze_table.py --vae-ckpt runs/<opal_vae run>/opal_v
 """
 
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -36,10 +37,9 @@ class Args:
     """runs at a time (each with one torch thread)"""
     summarize_only: bool = False
     """only print the table of the runs already in --runs-dir"""
-    cql_args: list = field(default_factory=lambda: [
-        "--env", "pointmaze-large", "--total-steps", "30000", "--hidden-dim", "256", "--critic-layers", "3",
-        "--policy-layers", "3", "--eval-every", "5000", "--eval-episodes", "100", "--eval-episodes-during", "20"])
-    """flags passed to every opal_cql.py run"""
+    cql_args: str = ("--env pointmaze-large --total-steps 15000 --hidden-dim 128 --critic-layers 3 --policy-layers 3 "
+                     "--eval-every 2500 --eval-episodes 100 --eval-episodes-during 20")
+    """flags passed to every opal_cql.py run (one quoted string)"""
 
 
 def summarize(runs_dir: Path):
@@ -72,7 +72,7 @@ if __name__ == "__main__":
         for seed in args.seeds:
             for mode in args.modes:
                 extra = ["--vae-ckpt", args.vae_ckpt] if mode == "opal" else []
-                commands.append([sys.executable, str(ROOT / "opal_cql.py"), *args.cql_args, "--primitives", mode,
+                commands.append([sys.executable, str(ROOT / "opal_cql.py"), *shlex.split(args.cql_args), "--primitives", mode,
                                  "--seed", str(seed), "--runs-dir", str(runs_dir), *extra])
         runs_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -146,8 +146,12 @@ def test_checkpoint_refuses_bad_files(tmp_path):
         ov.load_checkpoint(truncated, "opal_vae")
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(SystemExit, match="not an OPAL checkpoint"):
+    with pytest.raises(SystemExit, match="a torch file but not an OPAL checkpoint"):
         ov.load_checkpoint(foreign, "opal_vae")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": "opal", "anything": Fixed([0.0], [0.0], 1)}, pickled)
+    with pytest.raises(SystemExit, match="holds Python objects besides tensors"):
+        ov.load_checkpoint(pickled, "opal_vae")
     newer = tmp_path / "newer.pt"
     ov.save_checkpoint(newer, payload())
     content = torch.load(newer, weights_only=True)
