@@ -73,7 +73,8 @@ MAZES = {
     "large": dict(maze_map=maps.LARGE_MAZE, reset_cell=(1, 1), goal_cell=(7, 9)),
 }
 POINT_IDS = {"umaze": "PointMaze_UMaze-v3", "medium": "PointMaze_Medium-v3", "large": "PointMaze_Large-v3"}
-ANT_IDS = {"umaze": "AntMaze_UMaze-v4", "medium": "AntMaze_Medium_Diverse_GR-v4", "large": "AntMaze_Large_Diverse_GR-v4"}
+ANT_IDS = {"umaze": "AntMaze_UMaze-v4", "medium": "AntMaze_Medium_Diverse_GR-v4",
+           "large": "AntMaze_Large_Diverse_GR-v4"}
 KITCHEN_TASKS = ["microwave", "kettle", "bottom burner", "light switch"]  # D4RL kitchen-mixed/partial tasks
 PD_GAINS = (10.0, -1.0)  # p on the position error, d on the velocity: the D4RL maze2d controller's gains
 SUCCESS_RADIUS = 0.45

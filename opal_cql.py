@@ -33,7 +33,6 @@ import minari
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -74,8 +73,8 @@ class Args:
     """write the checkpoint every this many gradient steps (and at the end or on Ctrl-C)"""
     log_every: int = 250
     """log losses and steps/s every this many gradient steps"""
-    eval_every: int = 10_000
-    """evaluate every this many gradient steps with --eval-episodes-during episodes"""
+    eval_every: Optional[int] = None
+    """evaluate every this many gradient steps with --eval-episodes-during episodes; default total_steps // 6"""
     eval_episodes: int = 100
     """evaluation episodes at the end (D4RL uses 100)"""
     eval_episodes_during: int = 10
@@ -86,8 +85,8 @@ class Args:
     """continue an interrupted run from its opal_cql.pt (or run directory), with the arguments saved in it"""
 
     # CQL; defaults follow CORL's antmaze configuration (see README) unless marked "ours"
-    total_steps: int = 1_000_000
-    """gradient steps of CQL"""
+    total_steps: Optional[int] = None
+    """gradient steps of CQL; default 1,000,000 for D4RL aliases (CORL), 15,000 otherwise (ours: pointmaze on a CPU)"""
     batch_size: int = 256
     """transitions per gradient step"""
     gamma: float = 0.99
@@ -98,12 +97,12 @@ class Args:
     """Adam learning rate of the task policy"""
     critic_lr: float = 3e-4
     """Adam learning rate of the critics"""
-    hidden_dim: int = 256
-    """width of the task policy's and critics' hidden layers"""
+    hidden_dim: Optional[int] = None
+    """width of the task policy's and critics' hidden layers; default 256 for D4RL aliases (CORL), 128 otherwise"""
     policy_layers: int = 3
     """hidden layers of the task policy"""
-    critic_layers: int = 5
-    """hidden layers of each critic (CORL antmaze: 5)"""
+    critic_layers: Optional[int] = None
+    """hidden layers of each critic; default 5 for D4RL aliases (CORL antmaze), 3 otherwise"""
     cql_alpha: float = 5.0
     """weight of the CQL regulariser (CORL antmaze: 5)"""
     lagrange: bool = True
@@ -148,7 +147,8 @@ def resolve_dataset_id(env: str, dataset_id: Optional[str]) -> str:
     if dataset_id:
         return dataset_id
     if env not in ENV_ALIASES:
-        fail(f"unknown --env {env!r}. Valid aliases: {', '.join(ENV_ALIASES)}; or pass any Minari id with --dataset-id.")
+        fail(f"unknown --env {env!r}. Valid aliases: {', '.join(ENV_ALIASES)}; "
+             "or pass any Minari id with --dataset-id.")
     return ENV_ALIASES[env]
 
 
@@ -158,6 +158,9 @@ def load_minari_dataset(dataset_id: str):
         return minari.load_dataset(dataset_id)
     except FileNotFoundError:
         pass
+    except OSError as error:  # the store itself is unusable: not a folder, not writable
+        fail(f"cannot use the Minari store {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} "
+             f"({error.strerror}). Set MINARI_DATASETS_PATH to a writable folder.")
     except Exception as error:  # a folder that exists but does not read as a dataset
         fail(f"the local copy of {dataset_id} cannot be read ({type(error).__name__}: {error}). Delete it and retry.")
     generated = GENERATED.fullmatch(dataset_id)
@@ -276,7 +279,8 @@ def task_rewards(data, eval_env, dataset_id):
     maze = getattr(eval_env.unwrapped, "maze", None)
     if maze is None or "achieved_goal" not in data:
         return data["rewards"], data["terminations"]
-    goal = torch.as_tensor(np.asarray(maze.unique_goal_locations[0]), dtype=torch.float32, device=data["rewards"].device)
+    goal = torch.as_tensor(np.asarray(maze.unique_goal_locations[0]), dtype=torch.float32,
+                           device=data["rewards"].device)
     reached = (data["achieved_goal"] - goal).norm(dim=-1) <= SUCCESS_RADIUS
     rewards = torch.zeros_like(data["rewards"])
     rewards[:-1] = reached[1:].float()  # r_t refers to s_{t+1}; the last row of each episode is padding
@@ -470,7 +474,8 @@ def load_checkpoint(path, script: str) -> dict:
         if "Weights only load failed" in str(error):
             fail(f"{path} holds Python objects besides tensors and plain values, so it is not an OPAL checkpoint "
                  "(ours load with torch.load(weights_only=True)); it was not unpickled.")
-        fail(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a torch file ({type(error).__name__}).")
+        fail(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a torch file "
+             f"({type(error).__name__}).")
     if not isinstance(payload, dict) or payload.get("format") != "opal":
         fail(f"{path} is a torch file but not an OPAL checkpoint.")
     if payload.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
@@ -520,6 +525,45 @@ def check_checkpoint(payload: dict, path, **expected):
     for field, value in expected.items():
         if payload.get(field) != value:
             fail(f"{path} does not fit this run: its {field} is {payload.get(field)!r}, this run has {value!r}.")
+# --- end shared ---
+
+
+# --- shared: run ---
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def open_run(args, config: dict, resumed_dir=None):
+    """The run directory runs/<exp_name>__<env>__<seed>__<unix time>/ (or the resumed run's), its config.json,
+    a TensorBoard writer with the configuration as text, and wandb (syncing TensorBoard) behind --track."""
+    if resumed_dir is not None:
+        run_dir = Path(resumed_dir)
+    else:
+        env_name = args.dataset_id.replace("/", "-") if args.dataset_id else args.env
+        run_dir = Path(args.runs_dir) / f"{args.exp_name}__{env_name}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+    config = {**config, **{f"version_{k}": v for k, v in library_versions().items()}}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=config, name=run_dir.name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    return run_dir, writer
+
+
+def stop_if_not_finite(values: dict, where: str, checkpoint_path: Path, writer):
+    """A NaN or inf stops the run. Checkpoints are only written from finite parameters (see non_finite_module),
+    so the file on disk stays the last good one."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            writer.close()
+            fail(f"{name} became {value} at {where}; stopped. The last good checkpoint is "
+                 f"{checkpoint_path if checkpoint_path.exists() else 'not written yet (none was saved)'}. "
+                 "Lower the learning rates or check the dataset.")
 # --- end shared ---
 
 
@@ -580,12 +624,12 @@ def normalized_score(dataset, eval_env, success_rate, mean_return):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     stop_requested = stop_signals()
-    resumed = None
+    resumed, resumed_dir = None, None
     if args.resume:
         resumed, args, resumed_dir = resumed_args(args, "opal_cql")
     for name in ("total_steps", "batch_size", "hidden_dim", "policy_layers", "critic_layers", "cql_n_actions",
                  "save_every", "log_every", "eval_every", "eval_episodes", "num_envs"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     if args.policy_bc_steps < 0 or args.eval_episodes_during < 0 or (args.relabel_stride or 1) < 1:
         fail("--policy-bc-steps, --eval-episodes-during and --relabel-stride cannot be negative or zero.")
@@ -599,9 +643,14 @@ if __name__ == "__main__":
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering without a display
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = select_device(args.device)
     dataset_id = resolve_dataset_id(args.env, args.dataset_id)
+    # Budget and sizes: CORL's antmaze configuration for D4RL data; smaller ones that run on a CPU otherwise
+    paper_scale = dataset_id.startswith("D4RL/")
+    args.total_steps = args.total_steps or (1_000_000 if paper_scale else 15_000)
+    args.hidden_dim = args.hidden_dim or (256 if paper_scale else 128)
+    args.critic_layers = args.critic_layers or (5 if paper_scale else 3)
+    args.eval_every = args.eval_every or max(1, args.total_steps // 6)
     vae = None
     if args.primitives == "opal":  # check the checkpoint before the (possibly long) dataset load
         vae = load_checkpoint(args.vae_ckpt, "opal_vae")
@@ -646,27 +695,15 @@ if __name__ == "__main__":
     discount = args.gamma ** c  # the high-level Bellman backup discounts by γ^c
     choice_dim = choices.shape[1]
 
-    if resumed is not None:
-        run_dir = resumed_dir
-        run_name = run_dir.name
-    else:
-        run_name = f"{args.exp_name}__{args.dataset_id.replace('/', '-') if args.dataset_id else args.env}__{args.seed}__{int(time.time())}"
-        run_dir = Path(args.runs_dir) / run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-    config = {**asdict(args), **{f"version_{k}": v for k, v in library_versions().items()},
-              "dataset_id": dataset_id, "c": c, "transitions": len(starts),
-              "successful_windows": int(done.sum()), "choice_low": choice_low.tolist(), "choice_high": choice_high.tolist()}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=config, name=run_name, save_code=True)
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    config = {**asdict(args), "dataset_id": dataset_id, "c": c, "transitions": len(starts),
+              "successful_windows": int(done.sum()),
+              "choice_low": choice_low.tolist(), "choice_high": choice_high.tolist()}
+    run_dir, writer = open_run(args, config, resumed_dir)
     print(f"{dataset_id}: {len(starts)} {'high-level' if c > 1 else 'low-level'} transitions (c = {c}), "
           f"{int(done.sum())} of them reach the goal; {args.total_steps} CQL steps; run dir {run_dir}")
 
-    task_policy = TanhGaussianPolicy(obs_dim, choice_dim, choice_low, choice_high, args.hidden_dim, args.policy_layers).to(device)
+    task_policy = TanhGaussianPolicy(obs_dim, choice_dim, choice_low, choice_high, args.hidden_dim,
+                                     args.policy_layers).to(device)
     critics = Critics(obs_dim, choice_dim, args.hidden_dim, args.critic_layers).to(device)
     for module in (task_policy, critics):
         module.normalize.fit(data["observations"])
@@ -702,7 +739,7 @@ if __name__ == "__main__":
     def checkpoint(step: int, finished: bool = False):
         broken = non_finite_module(task_policy=task_policy, critics=critics)
         if broken:
-            finite_or_stop({f"a parameter of the {broken}": math.nan}, step)
+            stop_if_not_finite({f"a parameter of the {broken}": math.nan}, f"CQL step {step}", checkpoint_path, writer)
         save_checkpoint(checkpoint_path, {
             "script": "opal_cql", "args": asdict(args), "seed": args.seed, "dataset_id": dataset_id,
             "env_id": dataset.env_spec.id if dataset.env_spec is not None else None, "obs_layout": layout,
@@ -720,13 +757,6 @@ if __name__ == "__main__":
             **{name: optimizer.state_dict() for name, optimizer in optimizers.items()},
             "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()},
         })
-
-    def finite_or_stop(values: dict, step: int):
-        for name, value in values.items():
-            if not math.isfinite(value):
-                writer.close()
-                fail(f"{name} became {value} at CQL step {step}; stopped. The last good checkpoint is "
-                     f"{checkpoint_path if checkpoint_path.exists() else 'not written yet'}.")
 
     envs = make_eval_envs(dataset, args.num_envs)
 
@@ -747,7 +777,8 @@ if __name__ == "__main__":
                     initial=first_step - 1, total=args.total_steps)
     for step in progress:
         batch = torch.randint(len(starts), (batch_size,), device=device, generator=sampler)
-        s, choice, reward, s_next, not_done = states[batch], choices[batch], returns[batch], next_states[batch], 1 - done[batch]
+        s, choice, reward, s_next = states[batch], choices[batch], returns[batch], next_states[batch]
+        not_done = 1 - done[batch]
 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             # Critic targets: max over n sampled next choices of the min over the target critics
@@ -818,12 +849,13 @@ if __name__ == "__main__":
                       "losses/cql_gap": cql_gap.mean().item(), "losses/policy_loss": policy_loss.item(),
                       "losses/q_data": q_data.mean().item(), "losses/alpha": alpha.item(),
                       "losses/alpha_prime": alpha_prime.item()}
-            finite_or_stop(values, step)
+            stop_if_not_finite(values, f"CQL step {step}", checkpoint_path, writer)
             sps = (step - first_step + 1) / (time.time() - start_time)
             for key, value in values.items():
                 writer.add_scalar(key, value, step)
             writer.add_scalar("charts/SPS", sps, step)
-            progress.set_postfix(q=f"{values['losses/q_data']:.1f}", gap=f"{values['losses/cql_gap']:.2f}", sps=f"{sps:.0f}")
+            progress.set_postfix(q=f"{values['losses/q_data']:.1f}", gap=f"{values['losses/cql_gap']:.2f}",
+                                 sps=f"{sps:.0f}")
             summary.update(td_loss=values["losses/td_loss"], q_data=values["losses/q_data"], steps=step, sps=sps)
         if save_now:
             checkpoint(step)
@@ -846,7 +878,8 @@ if __name__ == "__main__":
             choice, _ = task_policy(state, deterministic=True)
             for _ in range(c):
                 action = choice if primitive_policy is None else primitive_policy(state, choice)[0]
-                obs, _, terminated, truncated, _ = video_env.step(np.clip(action[0].detach().cpu().numpy(), act_low, act_high))
+                action = np.clip(action[0].detach().cpu().numpy(), act_low, act_high)
+                obs, _, terminated, truncated, _ = video_env.step(action)
                 frames.append(video_env.render())
                 state = torch.as_tensor(flatten_observation(obs, layout), device=device)[None]
                 done_video = terminated or truncated
@@ -857,5 +890,3 @@ if __name__ == "__main__":
     print(f"checkpoint: {checkpoint_path}")
     envs.close()
     writer.close()
-    if args.track:
-        wandb.finish()

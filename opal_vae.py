@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import gymnasium as gym
 import gymnasium_robotics
@@ -87,7 +87,8 @@ class Args:
     learning_rate: float = 1e-3
     """Adam learning rate of the β-VAE and of BC fine-tuning (paper: 1e-3)"""
     batch_size: Optional[int] = None
-    """sub-trajectories per gradient step; default: the paper's 50 for D4RL aliases, 256 otherwise (ours: faster on CPU)"""
+    """sub-trajectories per gradient step; default: the paper's 50 for D4RL aliases, 256 otherwise
+    (ours: faster on a CPU)"""
     num_steps: Optional[int] = None
     """β-VAE gradient steps; default: the paper's 100 epochs over all windows for D4RL aliases,
     4,000 at batch 256 for pointmaze (ours: about 20 minutes on 2 CPU cores)"""
@@ -119,7 +120,8 @@ def resolve_dataset_id(env: str, dataset_id: Optional[str]) -> str:
     if dataset_id:
         return dataset_id
     if env not in ENV_ALIASES:
-        fail(f"unknown --env {env!r}. Valid aliases: {', '.join(ENV_ALIASES)}; or pass any Minari id with --dataset-id.")
+        fail(f"unknown --env {env!r}. Valid aliases: {', '.join(ENV_ALIASES)}; "
+             "or pass any Minari id with --dataset-id.")
     return ENV_ALIASES[env]
 
 
@@ -129,6 +131,9 @@ def load_minari_dataset(dataset_id: str):
         return minari.load_dataset(dataset_id)
     except FileNotFoundError:
         pass
+    except OSError as error:  # the store itself is unusable: not a folder, not writable
+        fail(f"cannot use the Minari store {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} "
+             f"({error.strerror}). Set MINARI_DATASETS_PATH to a writable folder.")
     except Exception as error:  # a folder that exists but does not read as a dataset
         fail(f"the local copy of {dataset_id} cannot be read ({type(error).__name__}: {error}). Delete it and retry.")
     generated = GENERATED.fullmatch(dataset_id)
@@ -350,7 +355,8 @@ def load_checkpoint(path, script: str) -> dict:
         if "Weights only load failed" in str(error):
             fail(f"{path} holds Python objects besides tensors and plain values, so it is not an OPAL checkpoint "
                  "(ours load with torch.load(weights_only=True)); it was not unpickled.")
-        fail(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a torch file ({type(error).__name__}).")
+        fail(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a torch file "
+             f"({type(error).__name__}).")
     if not isinstance(payload, dict) or payload.get("format") != "opal":
         fail(f"{path} is a torch file but not an OPAL checkpoint.")
     if payload.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
@@ -400,6 +406,45 @@ def check_checkpoint(payload: dict, path, **expected):
     for field, value in expected.items():
         if payload.get(field) != value:
             fail(f"{path} does not fit this run: its {field} is {payload.get(field)!r}, this run has {value!r}.")
+# --- end shared ---
+
+
+# --- shared: run ---
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def open_run(args, config: dict, resumed_dir=None):
+    """The run directory runs/<exp_name>__<env>__<seed>__<unix time>/ (or the resumed run's), its config.json,
+    a TensorBoard writer with the configuration as text, and wandb (syncing TensorBoard) behind --track."""
+    if resumed_dir is not None:
+        run_dir = Path(resumed_dir)
+    else:
+        env_name = args.dataset_id.replace("/", "-") if args.dataset_id else args.env
+        run_dir = Path(args.runs_dir) / f"{args.exp_name}__{env_name}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+    config = {**config, **{f"version_{k}": v for k, v in library_versions().items()}}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=config, name=run_dir.name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    return run_dir, writer
+
+
+def stop_if_not_finite(values: dict, where: str, checkpoint_path: Path, writer):
+    """A NaN or inf stops the run. Checkpoints are only written from finite parameters (see non_finite_module),
+    so the file on disk stays the last good one."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            writer.close()
+            fail(f"{name} became {value} at {where}; stopped. The last good checkpoint is "
+                 f"{checkpoint_path if checkpoint_path.exists() else 'not written yet (none was saved)'}. "
+                 "Lower the learning rates or check the dataset.")
 # --- end shared ---
 
 
@@ -487,7 +532,7 @@ def draw_primitives(env, layout, prior, primitive_policy, c, path, latents=8, ch
 if __name__ == "__main__":
     args = tyro.cli(Args)
     stop_requested = stop_signals()
-    resumed = None
+    resumed, resumed_dir = None, None
     if args.resume:
         resumed, args, resumed_dir = resumed_args(args, "opal_vae")
     for name in ("c", "latent_dim", "batch_size", "hidden_dim", "gru_layers", "save_every", "log_every"):
@@ -502,8 +547,7 @@ if __name__ == "__main__":
     # setup: seeding, device, data
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = select_device(args.device)
     dataset_id = resolve_dataset_id(args.env, args.dataset_id)
     dataset = load_minari_dataset(dataset_id)
     layout = observation_layout(dataset)
@@ -519,25 +563,12 @@ if __name__ == "__main__":
     num_steps = args.num_steps or (100 * len(starts) // batch_size if is_paper_alias else 4000)
     bc_steps = args.bc_steps if args.bc_steps is not None else num_steps // 10
 
-    if resumed is not None:
-        run_dir = resumed_dir
-        run_name = run_dir.name
-    else:
-        run_name = f"{args.exp_name}__{args.dataset_id.replace('/', '-') if args.dataset_id else args.env}__{args.seed}__{int(time.time())}"
-        run_dir = Path(args.runs_dir) / run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
     config = {**asdict(args), "dataset_id": dataset_id, "batch_size": batch_size, "num_steps": num_steps,
-              "bc_steps": bc_steps, "windows": len(starts), "obs_dim": obs_dim, "act_dim": act_dim,
-              **{f"version_{k}": v for k, v in library_versions().items()}}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=config, name=run_name, save_code=True)
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+              "bc_steps": bc_steps, "windows": len(starts), "obs_dim": obs_dim, "act_dim": act_dim}
+    run_dir, writer = open_run(args, config, resumed_dir)
     print(f"{dataset_id}: {len(data['episode_lengths'])} episodes, {int(data['episode_lengths'].sum())} steps, "
-          f"{len(starts)} windows of c = {args.c}; state {obs_dim}-d ({'+'.join(layout) or 'flat'}), action {act_dim}-d")
+          f"{len(starts)} windows of c = {args.c}; state {obs_dim}-d ({'+'.join(layout) or 'flat'}), "
+          f"action {act_dim}-d")
     print(f"β-VAE: {num_steps} gradient steps at batch {batch_size}, then {bc_steps} BC steps; run dir {run_dir}")
 
     encoder = Encoder(obs_dim, act_dim, args.latent_dim, args.hidden_dim, args.gru_layers).to(device)
@@ -565,27 +596,22 @@ if __name__ == "__main__":
     def checkpoint(phase: str, step: int):
         broken = non_finite_module(encoder=encoder, prior=prior, primitive_policy=primitive_policy)
         if broken:
-            finite_or_stop({f"a parameter of the {broken}": math.nan}, phase, step)
+            stop_if_not_finite({f"a parameter of the {broken}": math.nan}, f"{phase} step {step}",
+                               checkpoint_path, writer)
         act_space = dataset.action_space
         save_checkpoint(checkpoint_path, {
             "script": "opal_vae", "args": asdict(args), "seed": args.seed, "dataset_id": dataset_id,
             "env_id": env_spec.id if env_spec is not None else None, "obs_layout": layout,
-            "obs_dim": obs_dim, "act_dim": act_dim, "act_low": act_space.low.tolist(), "act_high": act_space.high.tolist(),
+            "obs_dim": obs_dim, "act_dim": act_dim,
+            "act_low": act_space.low.tolist(), "act_high": act_space.high.tolist(),
             "c": args.c, "latent_dim": args.latent_dim, "hidden_dim": args.hidden_dim, "gru_layers": args.gru_layers,
-            "encoder": encoder.state_dict(), "prior": prior.state_dict(), "primitive_policy": primitive_policy.state_dict(),
+            "encoder": encoder.state_dict(), "prior": prior.state_dict(),
+            "primitive_policy": primitive_policy.state_dict(),
             "optimizer": optimizer.state_dict(), "bc_optimizer": bc_optimizer.state_dict(),
-            "phase": phase, "step": step, "finished": phase == "done", "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()},
+            "phase": phase, "step": step, "finished": phase == "done",
+            "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()},
             "summary": dict(summary),
         })
-
-    def finite_or_stop(values: dict, phase: str, step: int):
-        """A non-finite loss stops the run; the checkpoint on disk stays the last good one."""
-        for name, value in values.items():
-            if not math.isfinite(value):
-                writer.close()
-                fail(f"{name} became {value} at {phase} step {step}; stopped. The last good checkpoint is "
-                     f"{checkpoint_path if checkpoint_path.exists() else 'not written yet (none was saved)'}. "
-                     "Lower --learning-rate or check the dataset.")
 
     vae_loss = torch.compile(beta_vae_loss) if args.compile else beta_vae_loss
 
@@ -597,7 +623,8 @@ if __name__ == "__main__":
     start_time, logged_step = time.time(), first_step - 1 if phase == "vae" else 0
     loss_sums = torch.zeros(3, device=device)  # loss, nll, kl summed since the last log line (no host sync)
     start_step = first_step if phase == "vae" else num_steps + 1
-    progress = tqdm(range(start_step, num_steps + 1), desc="β-VAE", mininterval=2, initial=start_step - 1, total=num_steps)
+    progress = tqdm(range(start_step, num_steps + 1), desc="β-VAE", mininterval=2,
+                    initial=start_step - 1, total=num_steps)
     for step in progress:
         states, actions = sample_windows(batch_size)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -613,7 +640,7 @@ if __name__ == "__main__":
             loss_sums.zero_()
             logged_step = step
             values = dict(zip(("losses/vae_loss", "losses/reconstruction_nll", "losses/kl"), means))
-            finite_or_stop(values, "β-VAE", step)
+            stop_if_not_finite(values, f"β-VAE step {step}", checkpoint_path, writer)
             sps = (step - start_step + 1) / (time.time() - start_time)
             for key, value in values.items():
                 writer.add_scalar(key, value, step)
@@ -637,7 +664,8 @@ if __name__ == "__main__":
                              for rows in relabel_rows.split(4096)])
     bc_start = first_step if phase == "bc" else 1
     start_time, logged_step, bc_sum = time.time(), bc_start - 1, torch.zeros((), device=device)
-    progress = tqdm(range(bc_start, bc_steps + 1), desc="BC fine-tuning", mininterval=2, initial=bc_start - 1, total=bc_steps)
+    progress = tqdm(range(bc_start, bc_steps + 1), desc="BC fine-tuning", mininterval=2,
+                    initial=bc_start - 1, total=bc_steps)
     for step in progress:
         chosen = torch.randint(len(relabel_starts), (batch_size,), device=device, generator=sampler)
         rows = relabel_rows[chosen]
@@ -653,7 +681,7 @@ if __name__ == "__main__":
             value = bc_sum.item() / (step - logged_step)
             bc_sum.zero_()
             logged_step = step
-            finite_or_stop({"losses/bc_nll": value}, "BC", step)
+            stop_if_not_finite({"losses/bc_nll": value}, f"BC step {step}", checkpoint_path, writer)
             writer.add_scalar("losses/bc_nll", value, num_steps + step)
             progress.set_postfix(nll=f"{value:.3f}")
             summary.update(bc_nll=value, bc_steps=step)
@@ -682,7 +710,8 @@ if __name__ == "__main__":
         measured = rollout_error(eval_env, layout, data, starts, encoder, prior, primitive_policy, args.c,
                                  seed=args.seed + 10_000)
         if measured is not None:
-            for name, value in zip(("rollout_xy_error", "rollout_xy_error_prior_mean", "data_xy_displacement"), measured):
+            names = ("rollout_xy_error", "rollout_xy_error_prior_mean", "data_xy_displacement")
+            for name, value in zip(names, measured):
                 summary[name] = value
                 writer.add_scalar(f"eval/{name}", value, num_steps + bc_steps)
         draw_primitives(eval_env, layout, prior, primitive_policy, args.c, run_dir / "primitives.png",
@@ -692,5 +721,3 @@ if __name__ == "__main__":
     print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     print(f"checkpoint: {checkpoint_path}")
     writer.close()
-    if args.track:
-        wandb.finish()

@@ -191,7 +191,8 @@ def test_unwritable_store_when_generating(sandbox, tmp_path):
     blocked.write_text("")
     env = {**sandbox["env"], "MINARI_DATASETS_PATH": str(blocked / "store")}
     result = run_vae({**sandbox, "env": env}, "--env", "pointmaze-medium", expect_success=False)
-    assert_clean_failure(result, "Cannot write to the Minari store", "generating opal/pointmaze-medium-diverse-v0 failed")
+    assert_clean_failure(result, f"cannot use the Minari store {blocked / 'store'} (Not a directory)",
+                         "Set MINARI_DATASETS_PATH to a writable folder")
 
 
 def test_track_logs_to_wandb_offline(sandbox, datasets, tmp_path):
