@@ -410,10 +410,17 @@ def check_checkpoint(payload: dict, path, **expected):
 
 
 # --- shared: run ---
-def select_device(name: str) -> torch.device:
-    if name == "auto":
+def setup_torch(seed: int, device_name: str) -> torch.device:
+    """Seed torch and numpy, flush subnormal floats to zero, and pick the device ("auto": CUDA if available).
+
+    Subnormal floats (e.g. CQL's softmax weights of far-off Q-values) take a slow path on CPUs: flushing them
+    made opal_cql.py 1.7x faster here, with no effect on the learning signal."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_flush_denormal(True)
+    if device_name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(device_name)
 
 
 def open_run(args, config: dict, resumed_dir=None):
@@ -545,9 +552,7 @@ if __name__ == "__main__":
         fail("--learning-rate must be positive and --beta non-negative.")
 
     # setup: seeding, device, data
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    device = select_device(args.device)
+    device = setup_torch(args.seed, args.device)
     dataset_id = resolve_dataset_id(args.env, args.dataset_id)
     dataset = load_minari_dataset(dataset_id)
     layout = observation_layout(dataset)
