@@ -166,7 +166,7 @@ def load_minari_dataset(dataset_id: str):
     generated = GENERATED.fullmatch(dataset_id)
     if generated:
         collector = Path(__file__).with_name("collect_data.py")
-        print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} (a few minutes)")
+        print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} (about a minute)")
         if not collector.exists():
             fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
         command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2]]
@@ -581,7 +581,8 @@ def make_eval_envs(dataset, num_envs):
 
 @torch.no_grad()
 def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act_low, act_high):
-    """Run `episodes` evaluation episodes; returns (success rate, mean undiscounted return).
+    """Run `episodes` evaluation episodes; returns (success rate, mean undiscounted return, mean over episodes of
+    the closest xy distance to the goal, NaN for environments without a goal position).
 
     Every c steps the task policy picks z (deterministically, tanh of its mean) in every environment, then the
     primitive policy's mean action, clipped to the action bounds, acts for c steps. Without primitives
@@ -589,13 +590,14 @@ def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act
     its steps reports success.
     """
     device = next(task_policy.parameters()).device
-    successes, returns = [], []
+    successes, returns, closest_distances = [], [], []
     rounds = math.ceil(episodes / envs.num_envs)
     for round_index in range(rounds):
         obs, _ = envs.reset(seed=[seed + round_index * envs.num_envs + i for i in range(envs.num_envs)])
         running = np.ones(envs.num_envs, dtype=bool)
         success = np.zeros(envs.num_envs, dtype=bool)
         episode_return = np.zeros(envs.num_envs)
+        closest = np.full(envs.num_envs, np.nan)
         while running.any():
             states = torch.as_tensor(flatten_observation(obs, layout), device=device)
             choice, _ = task_policy(states, deterministic=True)
@@ -607,13 +609,18 @@ def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act
                 obs, reward, terminated, truncated, info = envs.step(np.clip(action.cpu().numpy(), act_low, act_high))
                 episode_return += reward * running
                 success |= np.asarray(info.get("success", np.zeros(envs.num_envs, dtype=bool)), dtype=bool) & running
+                if isinstance(obs, dict) and isinstance(obs.get("achieved_goal"), np.ndarray):
+                    distance = np.linalg.norm(obs["achieved_goal"] - obs["desired_goal"], axis=-1)
+                    closest = np.where(running, np.fmin(closest, distance), closest)
                 running &= ~(terminated | truncated)
                 if not running.any():
                     break
                 states = torch.as_tensor(flatten_observation(obs, layout), device=device)
         successes.extend(success.tolist())
         returns.extend(episode_return.tolist())
-    return float(np.mean(successes[:episodes])), float(np.mean(returns[:episodes]))
+        closest_distances.extend(closest.tolist())
+    return (float(np.mean(successes[:episodes])), float(np.mean(returns[:episodes])),
+            float(np.mean(closest_distances[:episodes])))
 
 
 def normalized_score(dataset, eval_env, success_rate, mean_return):
@@ -766,16 +773,19 @@ if __name__ == "__main__":
     envs = make_eval_envs(dataset, args.num_envs)
 
     def run_evaluation(step, episodes, seed_offset):
-        success_rate, mean_return = evaluate(envs, layout, task_policy, primitive_policy, c, episodes,
-                                             args.seed + seed_offset, act_low, act_high)
+        success_rate, mean_return, goal_distance = evaluate(envs, layout, task_policy, primitive_policy, c, episodes,
+                                                            args.seed + seed_offset, act_low, act_high)
         score = normalized_score(dataset, eval_env, success_rate, mean_return)
         writer.add_scalar("eval/success_rate", success_rate, step)
         writer.add_scalar("eval/return", mean_return, step)
         writer.add_scalar("eval/normalized_score", score, step)
+        if math.isfinite(goal_distance):  # mazes: how close the agent came to the goal, a signal below success
+            writer.add_scalar("eval/closest_goal_distance", goal_distance, step)
         best = max(summary.get("best_normalized_score", -math.inf), score) if math.isfinite(score) else score
-        summary.update(last_normalized_score=score, best_normalized_score=best, last_success_rate=success_rate)
+        summary.update(last_normalized_score=score, best_normalized_score=best, last_success_rate=success_rate,
+                       last_closest_goal_distance=goal_distance)
         tqdm.write(f"step {step}: normalized score {score:.1f} (success {success_rate:.2f}, return {mean_return:.2f}, "
-                   f"{episodes} episodes); best so far {best:.1f}")
+                   f"closest to goal {goal_distance:.2f}, {episodes} episodes); best so far {best:.1f}")
 
     start_time = time.time()
     progress = tqdm(range(first_step, args.total_steps + 1), desc=f"CQL ({args.primitives})", mininterval=2,

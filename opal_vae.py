@@ -139,7 +139,7 @@ def load_minari_dataset(dataset_id: str):
     generated = GENERATED.fullmatch(dataset_id)
     if generated:
         collector = Path(__file__).with_name("collect_data.py")
-        print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} (a few minutes)")
+        print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} (about a minute)")
         if not collector.exists():
             fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
         command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2]]

@@ -88,7 +88,7 @@ def evaluation_rate(num_envs, episodes=10, env_id="PointMaze_Large-v3"):
     envs = gym.vector.SyncVectorEnv([make for _ in range(num_envs)])
     policy = oc.TanhGaussianPolicy(4, 2, -torch.ones(2), torch.ones(2), 256, 3)
     start = time.perf_counter()
-    oc.evaluate(envs, ["observation"], policy, None, 1, episodes, 0, -np.ones(2), np.ones(2))
+    oc.evaluate(envs, ["observation"], policy, None, 1, episodes, 0, -np.ones(2), np.ones(2))  # (success, return, distance)
     seconds = time.perf_counter() - start
     envs.close()
     return episodes * 800 / seconds

@@ -42,24 +42,51 @@ class Args:
     """flags passed to every opal_cql.py run (one quoted string)"""
 
 
+def closest_goal_distance(path: Path, episodes: int = 100) -> float:
+    """Re-run the final evaluation of a finished run from its checkpoint alone (same seeds as the run's own final
+    evaluation) and return the mean over episodes of the closest xy distance to the goal."""
+    sys.path.insert(0, str(ROOT))
+    import minari
+    import numpy as np
+    import opal_cql as oc
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    saved = payload["args"]
+    policy = oc.TanhGaussianPolicy(payload["obs_dim"], payload["choice_dim"], torch.tensor(payload["choice_low"]),
+                                   torch.tensor(payload["choice_high"]), saved["hidden_dim"], saved["policy_layers"])
+    policy.load_state_dict(payload["task_policy"])
+    primitive_policy = None
+    if payload["primitives"] == "opal":
+        primitive_policy = oc.PrimitivePolicy(payload["obs_dim"], payload["act_dim"], payload["latent_dim"],
+                                              payload["hidden_dim"])
+        primitive_policy.load_state_dict(payload["primitive_policy"])
+    envs = oc.make_eval_envs(minari.load_dataset(payload["dataset_id"]), 10)
+    success, _, distance = oc.evaluate(envs, payload["obs_layout"], policy, primitive_policy, payload["c"], episodes,
+                                       saved["seed"] + 10_000, np.array(payload["act_low"]), np.array(payload["act_high"]))
+    assert abs(100 * success - payload["summary"]["last_normalized_score"]) < 1e-6, "re-evaluation differs from the run"
+    return distance
+
+
 def summarize(runs_dir: Path):
     rows = {}
     for path in sorted(runs_dir.glob("*/opal_cql.pt")):
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if not payload.get("finished"):
             continue
-        rows.setdefault(payload["primitives"], []).append(payload["summary"])
-    print("| method | seeds | last normalized score | best normalized score | steps/s (1 thread) |")
-    print("|---|---|---|---|---|")
+        rows.setdefault(payload["primitives"], []).append({**payload["summary"], "distance": closest_goal_distance(path)})
+    spread = lambda values: f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}"
+    print("| method | seeds | normalized score, last (100 episodes) | best of all evaluations "
+          "| closest distance to goal, last | steps/s (1 thread) |")
+    print("|---|---|---|---|---|---|")
     for mode, label in (("none", "CQL"), ("opal", "CQL+OPAL")):
         summaries = rows.get(mode, [])
         if not summaries:
             continue
-        last = [s["last_normalized_score"] for s in summaries]
-        best = [s["best_normalized_score"] for s in summaries]
-        sps = [s["sps"] for s in summaries]
-        spread = lambda values: f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}"
-        print(f"| {label} | {len(summaries)} | {spread(last)} | {spread(best)} | {statistics.mean(sps):.0f} |")
+        column = lambda key: [summary[key] for summary in summaries]
+        print(f"| {label} | {len(summaries)} | {spread(column('last_normalized_score'))} | "
+              f"{spread(column('best_normalized_score'))} | {statistics.mean(column('distance')):.2f} ± "
+              f"{statistics.stdev(column('distance')) if len(summaries) > 1 else 0:.2f} | "
+              f"{statistics.mean(column('sps')):.0f} |")
 
 
 if __name__ == "__main__":
