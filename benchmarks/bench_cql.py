@@ -101,7 +101,7 @@ if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CQL at batch 256, 10 sampled choices")
     print(f"{'setting':<46} {'mode':<12} {'fp32 steps/s':>12} {'bf16 steps/s':>12}")
     for label, hidden, critic_layers, policy_layers, obs_dim, act_dim in [
-        ("pointmaze table (critics 3x256, policy 3x256)", 256, 3, 3, 4, 2),
+        ("pointmaze table (critics 3x128, policy 3x128)", 128, 3, 3, 4, 2),
         ("CORL antmaze (critics 5x256, policy 3x256)", 256, 5, 3, 29, 8),
     ]:
         for mode, choice_dim in (("OPAL (z 8)", 8), (f"raw (a {act_dim})", act_dim)):
