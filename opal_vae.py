@@ -91,7 +91,7 @@ class Args:
     (ours: faster on a CPU)"""
     num_steps: Optional[int] = None
     """β-VAE gradient steps; default: the paper's 100 epochs over all windows for D4RL aliases,
-    4,000 at batch 256 for pointmaze (ours: about 20 minutes on 2 CPU cores)"""
+    4,000 at batch 256 otherwise (ours: about 20 minutes on 2 CPU cores for pointmaze-large)"""
     bc_steps: Optional[int] = None
     """gradient steps of BC fine-tuning of the primitive policy on (s_t, a_t, z); default num_steps // 10 (ours)"""
     picture_latents: int = 8
