@@ -178,3 +178,10 @@ def test_cql_refuses_other_dims(sandbox, datasets, vae_checkpoints, tmp_path):
     other = tmp_path / "opal_vae.pt"
     torch.save(payload, other)
     assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", other), "its obs_dim is 29, this run has 4")
+
+
+def test_cql_bf16_runs(sandbox, datasets, vae_checkpoints):
+    result = run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", vae_checkpoints["pointmaze"], "--bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = Path([l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1][12:]).parent
+    assert all(np.isfinite(scalars(run_dir, "losses/td_loss")))

@@ -213,3 +213,10 @@ def test_interrupted_generation_leaves_no_dataset(sandbox):
     assert process.returncode != 0
     assert not (store / "test" / "interrupted-v0").exists()
     assert not list(store.glob(".staging-*"))
+
+
+@pytest.mark.parametrize("flag", ["--bf16", "--compile"])
+def test_speed_flags_train(sandbox, datasets, flag):
+    result = run_vae(sandbox, "--dataset-id", datasets["pointmaze"], "--num-steps", 20, "--bc-steps", 0, flag)
+    losses = scalars(run_dir_of(result), "losses/vae_loss")
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
