@@ -248,7 +248,7 @@ def window_starts(episode_lengths: torch.Tensor, c: int, stride: int = 1) -> tor
 # --- end shared ---
 
 
-def relabel(data, starts, c, rewards, dones, gamma):
+def relabel(starts, c, rewards, dones, gamma):
     """High-level transitions of the windows starting at `starts` (Section 4.1 of the paper).
 
     rewards[t], dones[t]: reward and termination of the low-level transition s_t -> s_{t+1} (rows as in the
@@ -269,7 +269,7 @@ def relabel(data, starts, c, rewards, dones, gamma):
 SUCCESS_RADIUS = 0.45  # gymnasium-robotics maze v4 success radius
 
 
-def task_rewards(data, eval_env, dataset_id):
+def task_rewards(data, eval_env):
     """Per-step reward and termination of the *evaluation* task, as D4RL defines it.
 
     Mazes: 1 when the next achieved_goal is within 0.45 of the evaluation goal cell's centre (Minari's maze
@@ -623,6 +623,20 @@ def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act
             float(np.mean(closest_distances[:episodes])))
 
 
+def policies_from_checkpoint(payload: dict):
+    """(task policy, primitive policy or None) rebuilt from an opal_cql.pt payload alone, no VAE file needed."""
+    task_policy = TanhGaussianPolicy(payload["obs_dim"], payload["choice_dim"], torch.tensor(payload["choice_low"]),
+                                     torch.tensor(payload["choice_high"]), payload["policy_hidden_dim"],
+                                     payload["policy_layers"])
+    task_policy.load_state_dict(payload["task_policy"])
+    primitive_policy = None
+    if payload["primitives"] == "opal":
+        primitive_policy = PrimitivePolicy(payload["obs_dim"], payload["act_dim"], payload["latent_dim"],
+                                           payload["hidden_dim"])
+        primitive_policy.load_state_dict(payload["primitive_policy"])
+    return task_policy, primitive_policy
+
+
 def normalized_score(dataset, eval_env, success_rate, mean_return):
     """D4RL's normalised score: 100 x success rate for mazes; otherwise 100 x (return - ref min) / (ref max - ref
     min) with the dataset's reference scores (kitchen: 0 and 4 tasks), NaN when the dataset has none."""
@@ -678,12 +692,12 @@ if __name__ == "__main__":
     eval_env = dataset.recover_environment(eval_env=True)
 
     # Relabel: high-level transitions (s_0, z, Σ γ^t r'_t, s_k, done) over windows inside one episode
-    rewards, dones = task_rewards(data, eval_env, dataset_id)
+    rewards, dones = task_rewards(data, eval_env)
     shaped = args.reward_scale * rewards + args.reward_bias
     starts = window_starts(data["episode_lengths"], c, stride=args.relabel_stride or c).to(device)
     if len(starts) == 0:
         fail(f"every episode of {dataset_id} is shorter than c = {c} steps; there are no windows to relabel.")
-    returns, done, next_rows = relabel(data, starts, c, shaped, dones, args.gamma)
+    returns, done, next_rows = relabel(starts, c, shaped, dones, args.gamma)
     primitive_policy = None
     if vae is not None:
         encoder = Encoder(obs_dim, act_dim, vae["latent_dim"], vae["hidden_dim"], vae["gru_layers"]).to(device)

@@ -35,14 +35,7 @@ class Args:
 def rollout_paths(path, episodes):
     payload = torch.load(path, map_location="cpu", weights_only=True)
     saved = payload["args"]
-    policy = oc.TanhGaussianPolicy(payload["obs_dim"], payload["choice_dim"], torch.tensor(payload["choice_low"]),
-                                   torch.tensor(payload["choice_high"]), saved["hidden_dim"], saved["policy_layers"])
-    policy.load_state_dict(payload["task_policy"])
-    primitive_policy = None
-    if payload["primitives"] == "opal":
-        primitive_policy = oc.PrimitivePolicy(payload["obs_dim"], payload["act_dim"], payload["latent_dim"],
-                                              payload["hidden_dim"])
-        primitive_policy.load_state_dict(payload["primitive_policy"])
+    policy, primitive_policy = oc.policies_from_checkpoint(payload)
     env = minari.load_dataset(payload["dataset_id"]).recover_environment(eval_env=True)
     low, high = np.array(payload["act_low"]), np.array(payload["act_high"])
     paths = []

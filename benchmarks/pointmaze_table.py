@@ -52,14 +52,7 @@ def closest_goal_distance(path: Path, episodes: int = 100) -> float:
 
     payload = torch.load(path, map_location="cpu", weights_only=True)
     saved = payload["args"]
-    policy = oc.TanhGaussianPolicy(payload["obs_dim"], payload["choice_dim"], torch.tensor(payload["choice_low"]),
-                                   torch.tensor(payload["choice_high"]), saved["hidden_dim"], saved["policy_layers"])
-    policy.load_state_dict(payload["task_policy"])
-    primitive_policy = None
-    if payload["primitives"] == "opal":
-        primitive_policy = oc.PrimitivePolicy(payload["obs_dim"], payload["act_dim"], payload["latent_dim"],
-                                              payload["hidden_dim"])
-        primitive_policy.load_state_dict(payload["primitive_policy"])
+    policy, primitive_policy = oc.policies_from_checkpoint(payload)
     envs = oc.make_eval_envs(minari.load_dataset(payload["dataset_id"]), 10)
     success, _, distance = oc.evaluate(envs, payload["obs_layout"], policy, primitive_policy, payload["c"], episodes,
                                        saved["seed"] + 10_000, np.array(payload["act_low"]), np.array(payload["act_high"]))

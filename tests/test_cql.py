@@ -24,7 +24,7 @@ def test_relabel_by_hand():
     # one episode of 6 steps (rows 0..6), c = 3; the goal is reached by the transition s_2 -> s_3
     rewards = torch.tensor([0.0, 0, 1, 0, 0, 0, 0])
     starts = torch.tensor([0, 3])
-    returns, done, next_rows = oc.relabel(None, starts, 3, rewards * 10 - 5, rewards, gamma=0.5)
+    returns, done, next_rows = oc.relabel(starts, 3, rewards * 10 - 5, rewards, gamma=0.5)
     assert returns.tolist() == pytest.approx([-5 - 2.5 + 0.25 * 5, -5 - 2.5 - 1.25])
     assert done.tolist() == [1.0, 0.0] and next_rows.tolist() == [3, 6]
 
@@ -32,14 +32,14 @@ def test_relabel_by_hand():
 def test_relabel_stops_at_the_first_termination():
     # the goal is reached by s_1 -> s_2: the window ends there, its later rewards do not count
     rewards = torch.tensor([0.0, 1, 1, 0, 0])
-    returns, done, next_rows = oc.relabel(None, torch.tensor([0]), 4, rewards, rewards, gamma=0.9)
+    returns, done, next_rows = oc.relabel(torch.tensor([0]), 4, rewards, rewards, gamma=0.9)
     assert returns.tolist() == pytest.approx([0.9]) and done.tolist() == [1.0] and next_rows.tolist() == [2]
 
 
 def test_relabel_with_stride_one_windows():
     rewards = torch.arange(8, dtype=torch.float32)
     starts = oc.window_starts(torch.tensor([7]), 2, stride=1)
-    returns, done, next_rows = oc.relabel(None, starts, 2, rewards, torch.zeros(8), gamma=0.5)
+    returns, done, next_rows = oc.relabel(starts, 2, rewards, torch.zeros(8), gamma=0.5)
     assert returns.tolist() == [t + 0.5 * (t + 1) for t in range(6)]
     assert next_rows.tolist() == list(range(2, 8)) and done.sum() == 0
 
@@ -50,7 +50,7 @@ def test_task_rewards_use_the_evaluation_goal():
     # two episodes of 2 steps: rows 0-2 and 3-5; the dataset's own rewards are ignored
     achieved = torch.tensor([[0, 0], [1, 2.4], [5, 5], [1.3, 2.3], [9, 9], [1, 2]], dtype=torch.float32)
     data = {"achieved_goal": achieved, "rewards": torch.ones(6), "episode_lengths": torch.tensor([2, 2])}
-    rewards, dones = oc.task_rewards(data, eval_env, "x")
+    rewards, dones = oc.task_rewards(data, eval_env)
     # r_t looks at s_{t+1}; row 2 is the padding after episode 0 (s_3 belongs to episode 1), row 5 too
     assert rewards.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert torch.equal(rewards, dones)
@@ -100,17 +100,12 @@ def test_cql_runs_end_to_end(sandbox, datasets, vae_checkpoints, family, primiti
     payload = oc.load_checkpoint(checkpoint_path, "opal_cql")
     assert payload["primitives"] == primitives and payload["c"] == (10 if primitives == "opal" else 1)
     # the checkpoint alone can act: rebuild the task policy (and primitive policy) and roll out one step
-    policy = oc.TanhGaussianPolicy(payload["obs_dim"], payload["choice_dim"], torch.tensor(payload["choice_low"]),
-                                   torch.tensor(payload["choice_high"]), 32, 2)
-    policy.load_state_dict(payload["task_policy"])
+    policy, primitive_policy = oc.policies_from_checkpoint(payload)
     choice, _ = policy(torch.zeros(1, payload["obs_dim"]), deterministic=True)
     if primitives == "opal":
-        primitive_policy = oc.PrimitivePolicy(payload["obs_dim"], payload["act_dim"], payload["latent_dim"],
-                                              payload["hidden_dim"])
-        primitive_policy.load_state_dict(payload["primitive_policy"])
         assert primitive_policy(torch.zeros(1, payload["obs_dim"]), choice)[0].shape == (1, payload["act_dim"])
     else:
-        assert choice.shape == (1, payload["act_dim"])
+        assert primitive_policy is None and choice.shape == (1, payload["act_dim"])
 
 
 def assert_refused(result, *fragments):
