@@ -61,24 +61,28 @@ def closest_goal_distance(path: Path, episodes: int = 100) -> float:
 
 
 def summarize(runs_dir: Path):
+    """One row per (--exp-name, mode) among the finished runs in runs_dir: the table's two rows use the default
+    exp name; runs given another --exp-name (the ablations) get a row of their own, labelled by it."""
     rows = {}
     for path in sorted(runs_dir.glob("*/opal_cql.pt")):
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if not payload.get("finished"):
             continue
-        rows.setdefault(payload["primitives"], []).append({**payload["summary"], "distance": closest_goal_distance(path)})
-    spread = lambda values: f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}"
+        key = (payload["args"]["exp_name"], payload["primitives"])
+        rows.setdefault(key, []).append({**payload["summary"], "distance": closest_goal_distance(path)})
+    spread = lambda values, digits=1: (f"{statistics.mean(values):.{digits}f} ± "
+                                       f"{statistics.stdev(values) if len(values) > 1 else 0:.{digits}f}")
     print("| method | seeds | normalized score, last (100 episodes) | best of all evaluations "
           "| closest distance to goal, last | steps/s (1 thread) |")
     print("|---|---|---|---|---|---|")
-    for mode, label in (("none", "CQL"), ("opal", "CQL+OPAL")):
-        summaries = rows.get(mode, [])
-        if not summaries:
-            continue
+    ordered = sorted(rows, key=lambda key: (key[0] != "opal_cql", key[0], key[1] == "opal"))
+    for exp_name, mode in ordered:
+        summaries = rows[(exp_name, mode)]
+        label = "CQL" if mode == "none" else "CQL+OPAL"
+        label += "" if exp_name == "opal_cql" else f", {exp_name}"
         column = lambda key: [summary[key] for summary in summaries]
         print(f"| {label} | {len(summaries)} | {spread(column('last_normalized_score'))} | "
-              f"{spread(column('best_normalized_score'))} | {statistics.mean(column('distance')):.2f} ± "
-              f"{statistics.stdev(column('distance')) if len(summaries) > 1 else 0:.2f} | "
+              f"{spread(column('best_normalized_score'))} | {spread(column('distance'), 2)} | "
               f"{statistics.mean(column('sps')):.0f} |")
 
 
@@ -100,7 +104,8 @@ if __name__ == "__main__":
         while commands or running:
             while commands and len(running) < args.parallel:
                 command = commands.pop(0)
-                log = open(runs_dir / f"{command[command.index('--primitives') + 1]}-seed{command[command.index('--seed') + 1]}.log", "w")
+                flag = lambda name, default=None: command[command.index(name) + 1] if name in command else default
+                log = open(runs_dir / f"{flag('--exp-name', 'opal_cql')}-{flag('--primitives')}-seed{flag('--seed')}.log", "w")
                 print("running:", " ".join(command[1:]), flush=True)
                 running.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
             time.sleep(5)

@@ -1,0 +1,222 @@
+"""Speed of OPAL's two hot loops on this machine, in one run, against the plain fp32 eager form of each update.
+
+Prints, for
+  1. this CPU's matmul peak (fp32 and bf16), the yardstick of the other rows;
+  2. the β-VAE update of opal_vae.py (the paper's model: 4-layer bidirectional GRU, hidden 200, c = 10, z 8)
+     at batch 50 / 256 / 1024;
+  3. the CQL update of opal_cql.py in both modes (latent z of dim 8, raw actions) at CORL's antmaze size and
+     at our pointmaze default size;
+  4. evaluation env-steps/s with one environment versus a vector of them,
+steps/s, windows (or transitions)/s, FLOP per step (counted by torch.utils.flop_counter on one update,
+forward and backward), the FLOP rate reached as a share of the measured peak of its precision, and the
+ratio to the fp32 eager row of the same update.
+
+Run:  python benchmarks/bench_speed.py                          # ~4 min; needs opal/pointmaze-large-diverse-v0
+      python benchmarks/bench_speed.py --compile --seconds 20   # also torch.compile (≈30 s compile per row)
+Timing only: nothing here is asserted, and the tests never time anything. Run it on an idle machine.
+"""
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import opal_cql as oc  # noqa: E402
+import opal_vae as ov  # noqa: E402
+
+
+@dataclass
+class Args:
+    seconds: float = 8.0
+    """time budget of each measurement, after three warm-up steps"""
+    threads: int = 0
+    """torch threads (0: torch's default, here one per core)"""
+    vae_batch_sizes: list = field(default_factory=lambda: [50, 256, 1024])
+    """batch sizes of the β-VAE rows"""
+    compile: bool = False
+    """also time torch.compile of each update (slow to compile; off by default)"""
+    env: str = "pointmaze-large"
+    """dataset the β-VAE batches are gathered from (made by collect_data.py if missing)"""
+
+
+def rate(function, seconds, warmup=3):
+    for _ in range(warmup):
+        function()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        function()
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def matmul_peak(dtype, size=2048, seconds=3.0):
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return 2 * size ** 3 * rate(lambda: torch.mm(a, b), seconds)
+
+
+def flops_of(function):
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def vae_update(data, starts, obs_dim, act_dim, batch_size, fused, bf16):
+    """One β-VAE step exactly as opal_vae.py's loop does it (gather, loss, backward, Adam)."""
+    torch.manual_seed(0)
+    encoder, prior, policy = ov.Encoder(obs_dim, act_dim, 8), ov.Prior(obs_dim, 8), ov.PrimitivePolicy(obs_dim, act_dim, 8)
+    for module in (encoder, prior, policy):
+        module.normalize.fit(data["observations"])
+    parameters = [*encoder.parameters(), *prior.parameters(), *policy.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=1e-3, fused=fused)
+    offsets, generator = torch.arange(10), torch.Generator().manual_seed(0)
+
+    def step():
+        rows = starts[torch.randint(len(starts), (batch_size,), generator=generator)][:, None] + offsets
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _, _ = ov.beta_vae_loss(encoder, prior, policy, data["observations"][rows], data["actions"][rows], 0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def cql_update(obs_dim, choice_dim, hidden, critic_layers, policy_layers, bf16, n=10, batch_size=256):
+    """One CQL step with the operations of opal_cql.py's loop (max-target backup, one batched critic call for the
+    data and the 3n proposals, Lagrange α', tuned entropy, Polyak), on random data of the given shapes."""
+    torch.manual_seed(0)
+    low, high = -torch.ones(choice_dim), torch.ones(choice_dim)
+    policy = oc.TanhGaussianPolicy(obs_dim, choice_dim, low, high, hidden, policy_layers)
+    critics = oc.Critics(obs_dim, choice_dim, hidden, critic_layers)
+    targets = oc.Critics(obs_dim, choice_dim, hidden, critic_layers).requires_grad_(False)
+    log_alpha, log_alpha_prime = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
+    policy_optimizer = torch.optim.Adam(policy.parameters(), 1e-4, fused=True)
+    critic_optimizer = torch.optim.Adam(critics.parameters(), 3e-4, fused=True)
+    alpha_optimizer, alpha_prime_optimizer = torch.optim.Adam([log_alpha], 1e-4), torch.optim.Adam([log_alpha_prime], 3e-4)
+    states, choices = torch.randn(100_000, obs_dim), torch.rand(100_000, choice_dim) * 2 - 1
+    rewards, generator = torch.randn(100_000), torch.Generator().manual_seed(0)
+    uniform_log_density = -(high - low).log().sum()
+
+    def step():
+        batch = torch.randint(len(states) - 1, (batch_size,), generator=generator)
+        s, choice, reward, s_next = states[batch], choices[batch], rewards[batch], states[batch + 1]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                next_choice, _ = policy(s_next.repeat_interleave(n, 0))
+                next_q = targets(s_next.repeat_interleave(n, 0), next_choice).min(0).values.view(-1, n).max(1).values
+                target_q = reward + 0.9 * next_q.float()
+            s_rep = s.repeat_interleave(n, 0)
+            random_choice = low + (high - low) * torch.rand(len(s_rep), choice_dim)
+            with torch.no_grad():
+                policy_choice, policy_log_prob = policy(s_rep)
+                next_policy_choice, next_policy_log_prob = policy(s_next.repeat_interleave(n, 0))
+            q_all = critics(torch.cat([s, s_rep, s_rep, s_rep]),
+                            torch.cat([choice, random_choice, policy_choice, next_policy_choice])).float()
+        q_data = q_all[:, :batch_size]
+        td_loss = 0.5 * ((q_data - target_q) ** 2).mean(1).sum()
+        proposal_log_density = torch.stack([uniform_log_density.expand(len(s_rep)), policy_log_prob.float(),
+                                            next_policy_log_prob.float()]).view(1, 3, batch_size, n)
+        sampled_q = (q_all[:, batch_size:].view(2, 3, batch_size, n) - proposal_log_density)
+        sampled_q = sampled_q.permute(0, 2, 1, 3).reshape(2, batch_size, 3 * n)
+        cql_gap = (torch.logsumexp(sampled_q, -1) - q_data).mean(1)
+        alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
+        cql_loss = (alpha_prime.detach() * 5.0 * (cql_gap - 0.8)).sum()
+        alpha_prime_loss = -(alpha_prime * 5.0 * (cql_gap.detach() - 0.8)).sum()
+        alpha_prime_optimizer.zero_grad(set_to_none=True)
+        alpha_prime_loss.backward()
+        alpha_prime_optimizer.step()
+        critic_optimizer.zero_grad(set_to_none=True)
+        (td_loss + cql_loss).backward()
+        critic_optimizer.step()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            new_choice, log_prob = policy(s)
+            policy_loss = (log_alpha.exp().detach() * log_prob - critics(s, new_choice).min(0).values).float().mean()
+        policy_optimizer.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        policy_optimizer.step()
+        alpha_loss = -(log_alpha * (log_prob.detach().float() - choice_dim)).mean()
+        alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        alpha_optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(targets.parameters()), list(critics.parameters()), 0.005)
+
+    return step
+
+
+def evaluation_rate(num_envs, episodes=10, env_id="PointMaze_Large-v3"):
+    """env-steps/s of opal_cql.evaluate (policy included) over `episodes` episodes of 800 steps, raw actions."""
+    make = lambda: gym.make(env_id, continuing_task=True, reset_target=False)
+    envs = gym.vector.SyncVectorEnv([make for _ in range(num_envs)])
+    policy = oc.TanhGaussianPolicy(4, 2, -torch.ones(2), torch.ones(2), 128, 3)
+    start = time.perf_counter()
+    oc.evaluate(envs, ["observation"], policy, None, 1, episodes, 0, -np.ones(2), np.ones(2))
+    seconds = time.perf_counter() - start
+    envs.close()
+    return episodes * 800 / seconds
+
+
+def report(label, variants, items_per_step, peaks, seconds, compile_too):
+    """Time each (name, make_step, bf16) variant; the first one is the fp32 eager baseline of the ratios."""
+    baseline = None
+    for name, make_step, bf16 in variants:
+        for compiled in ((False, True) if compile_too else (False,)):
+            step = make_step()
+            if compiled:
+                step, name = torch.compile(step), name + ", compiled"
+                start = time.perf_counter()
+                step()
+                print(f"    (compiling took {time.perf_counter() - start:.0f} s)")
+            flops = flops_of(make_step())  # counted on an eager copy: the same math
+            steps_per_second = rate(step, seconds)
+            baseline = baseline or steps_per_second
+            peak = peaks["bf16" if bf16 else "fp32"]
+            print(f"{label:<40} {name:<26} {steps_per_second:>8.1f} {steps_per_second * items_per_step:>10,.0f} "
+                  f"{flops / 1e9:>8.2f} {steps_per_second * flops / peak:>10.1%} {steps_per_second / baseline:>7.2f}x")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as the scripts do
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; matmul peak (2048x2048): "
+          f"fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s")
+    header = (f"{'update':<40} {'variant':<26} {'steps/s':>8} {'samples/s':>10} {'GFLOP':>8} {'of peak':>10} "
+              f"{'vs fp32':>8}")
+
+    dataset = ov.load_minari_dataset(ov.resolve_dataset_id(args.env, None))
+    data = ov.load_flat_dataset(dataset, ov.observation_layout(dataset), torch.device("cpu"))
+    starts = ov.window_starts(data["episode_lengths"], 10)
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    print("\nβ-VAE update (paper model), samples = windows of c = 10 steps; GFLOP per step, forward + backward")
+    print(header)
+    for batch_size in args.vae_batch_sizes:
+        variants = [(name, lambda fused=fused, bf16=bf16: vae_update(data, starts, obs_dim, act_dim, batch_size, fused,
+                                                                   bf16), bf16)
+                    for name, fused, bf16 in [("fp32 eager, Adam", False, False), ("fp32 eager, fused Adam", True, False),
+                                              ("bf16 autocast, fused Adam", True, True)]]
+        report(f"batch {batch_size}", variants, batch_size, peaks, args.seconds, args.compile)
+
+    print("\nCQL update, batch 256, 10 sampled choices; samples = transitions")
+    print(header)
+    for size, hidden, critic_layers, obs, act in [("CORL antmaze (critics 5x256)", 256, 5, 29, 8),
+                                                  ("our default (critics 3x128)", 128, 3, 4, 2)]:
+        for mode, choice_dim in (("OPAL z 8", 8), (f"raw a {act}", act)):
+            variants = [(name, lambda bf16=bf16: cql_update(obs, choice_dim, hidden, critic_layers, 3, bf16), bf16)
+                        for name, bf16 in [("fp32 eager", False), ("bf16 autocast", True)]]
+            report(f"{size}, {mode}", variants, 256, peaks, args.seconds, args.compile)
+
+    print("\nevaluation (opal_cql.evaluate, policy 3x128), PointMaze_Large-v3, 10 episodes of 800 steps:")
+    single = evaluation_rate(1)
+    vectorised = evaluation_rate(10)
+    print(f"   1 env:               {single:>8,.0f} env-steps/s")
+    print(f"  10 envs in a vector:  {vectorised:>8,.0f} env-steps/s ({vectorised / single:.1f}x)")
