@@ -67,6 +67,8 @@ class Args:
     """torch device: auto (cuda if available), cpu, cuda, ..."""
     bf16: bool = False
     """run the forward passes under torch.autocast(bfloat16): faster on CPUs with AMX / AVX-512 BF16 and on GPUs"""
+    compile: bool = False
+    """torch.compile the task policy and the critics (compiles for about a minute first)"""
     runs_dir: str = "runs"
     """folder that receives the run directory"""
     save_every: int = 10_000
@@ -734,6 +736,9 @@ if __name__ == "__main__":
     for module in (task_policy, critics):
         module.normalize.fit(data["observations"])
     target_critics = copy.deepcopy(critics).requires_grad_(False)
+    if args.compile:  # in place: parameter names, and so checkpoints, stay those of the eager modules
+        for module in (task_policy, critics, target_critics):
+            module.compile()
     log_alpha = torch.zeros((), device=device, requires_grad=True)  # entropy temperature, tuned (SAC)
     log_alpha_prime = torch.zeros((), device=device, requires_grad=True)  # CQL weight multiplier (Lagrange)
     target_entropy = -float(choice_dim)

@@ -175,8 +175,11 @@ def test_cql_refuses_other_dims(sandbox, datasets, vae_checkpoints, tmp_path):
     assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", other), "its obs_dim is 29, this run has 4")
 
 
-def test_cql_bf16_runs(sandbox, datasets, vae_checkpoints):
-    result = run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", vae_checkpoints["pointmaze"], "--bf16")
+@pytest.mark.parametrize("flag", ["--bf16", "--compile"])
+def test_cql_speed_flags_run(sandbox, datasets, vae_checkpoints, flag):
+    result = run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", vae_checkpoints["pointmaze"], flag)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = Path([l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1][12:]).parent
     assert all(np.isfinite(scalars(run_dir, "losses/td_loss")))
+    task_policy, primitive_policy = oc.policies_from_checkpoint(torch.load(run_dir / "opal_cql.pt", weights_only=True))
+    assert primitive_policy is not None  # the checkpoint's parameter names are the eager modules' (loads strictly)
