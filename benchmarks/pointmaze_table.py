@@ -5,6 +5,9 @@ final evaluation of every run from its opal_cql.pt and prints a markdown table (
 
 Run:  python benchmarks/pointmaze_table.py --vae-ckpt runs/<opal_vae run>/opal_vae.pt
       python benchmarks/pointmaze_table.py --summarize-only --runs-dir runs/table   # table of finished runs
+      python benchmarks/pointmaze_table.py --vae-ckpt … --modes opal --seeds 1 --runs-dir runs/ablations
+          "--cql-args=--env pointmaze-large --total-steps 15000 --exp-name stride1 --relabel-stride 1"   # one variant
+(the `=` form is needed because the value itself starts with `--`)
 """
 
 import os
