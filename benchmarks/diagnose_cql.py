@@ -52,6 +52,7 @@ class SampledChoice(torch.nn.Module):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.manual_seed(0)
+    loaded = {}  # dataset id -> (Minari dataset, flat tensors): read the 1M steps once for all checkpoints
     for path in args.checkpoints:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload["primitives"] != "opal":
@@ -61,7 +62,11 @@ if __name__ == "__main__":
         saved, c = payload["args"], payload["c"]
         critics = oc.Critics(payload["obs_dim"], payload["choice_dim"], saved["hidden_dim"], saved["critic_layers"])
         critics.load_state_dict(payload["critics"])
-        dataset = oc.load_minari_dataset(payload["dataset_id"])
+        if payload["dataset_id"] not in loaded:
+            dataset = oc.load_minari_dataset(payload["dataset_id"])
+            flat = oc.load_flat_dataset(dataset, payload["obs_layout"], torch.device("cpu"))
+            loaded[payload["dataset_id"]] = dataset, flat
+        dataset, data = loaded[payload["dataset_id"]]
         layout, low, high = payload["obs_layout"], np.array(payload["act_low"]), np.array(payload["act_high"])
         print(f"== {path} (step {payload['step']})")
 
@@ -84,6 +89,7 @@ if __name__ == "__main__":
             success, _, distance = oc.evaluate(envs, layout, policy, primitive_policy, c, args.episodes,
                                                saved["seed"] + 10_000, low, high)
             print(f"  2. {name:<17} success {success:.2f}, closest distance to the goal {distance:.2f}")
+        maze = envs.envs[0].unwrapped.maze
         envs.close()
 
         # 3: the critic at the data's window starts near --point
@@ -91,14 +97,13 @@ if __name__ == "__main__":
         encoder = oc.Encoder(payload["obs_dim"], payload["act_dim"], vae["latent_dim"], vae["hidden_dim"],
                              vae["gru_layers"])
         encoder.load_state_dict(vae["encoder"])
-        data = oc.load_flat_dataset(dataset, layout, torch.device("cpu"))
         starts = oc.window_starts(data["episode_lengths"], c, stride=saved["relabel_stride"] or c)
         xy = data["achieved_goal"][starts]
         near = starts[(xy - torch.tensor(args.point)).norm(dim=1) < args.radius]
         if len(near) == 0:
             print(f"  3. no window starts within {args.radius} of {args.point}")
             continue
-        goal = torch.as_tensor(np.asarray(envs.envs[0].unwrapped.maze.unique_goal_locations[0]), dtype=torch.float32)
+        goal = torch.as_tensor(np.asarray(maze.unique_goal_locations[0]), dtype=torch.float32)
         offsets = torch.arange(c)
         with torch.no_grad():
             states = data["observations"][near]
