@@ -102,6 +102,28 @@ def test_encoder_reads_the_whole_window():
     assert not torch.allclose(base, encoder(states, changed_last)[0])
 
 
+@pytest.mark.parametrize("layers, in_dim, hidden", [(1, 5, 7), (3, 6, 4)])
+def test_written_out_gru_equals_nn_gru(layers, in_dim, hidden):
+    """Same initialisation for the same seed, same final states and same gradients as torch's own GRU."""
+    torch.manual_seed(1)
+    reference = torch.nn.GRU(in_dim, hidden, layers, bidirectional=True, batch_first=True)
+    torch.manual_seed(1)
+    gru = ov.BidirectionalGRU(in_dim, hidden, layers)
+    assert list(gru.state_dict()) == list(reference.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(gru.state_dict().values(), reference.state_dict().values()))
+    reference.double(), gru.double()
+    inputs = torch.randn(9, 6, in_dim, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 9, hidden, dtype=torch.float64)  # weighs every output differently
+
+    final_reference = reference(inputs)[1][-2:]  # last layer: forward after x_5, backward after x_0
+    grads_reference = torch.autograd.grad((final_reference * weights).sum(), [inputs, *reference.parameters()])
+    final = gru(inputs)
+    grads = torch.autograd.grad((final * weights).sum(), [inputs, *gru.parameters()])
+    assert torch.allclose(final, final_reference, atol=1e-12)
+    for grad, grad_reference in zip(grads, grads_reference):
+        assert torch.allclose(grad, grad_reference, atol=1e-12)
+
+
 # --- the checkpoint contract ---
 def payload():
     return {"script": "opal_vae", "dataset_id": "opal/pointmaze-large-diverse-v0", "obs_dim": 4, "act_dim": 2,
