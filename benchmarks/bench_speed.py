@@ -12,7 +12,7 @@ forward and backward), the FLOP rate reached as a share of the measured peak of 
 ratio to the fp32 eager row of the same update.
 
 Run:  python benchmarks/bench_speed.py                          # ~4 min; needs opal/pointmaze-large-diverse-v0
-      python benchmarks/bench_speed.py --compile --seconds 20   # also torch.compile (≈30 s compile per row)
+      python benchmarks/bench_speed.py --compile               # adds compiled rows (30-60 s of compiling each)
 Timing only: nothing here is asserted, and the tests never time anything. Run it on an idle machine.
 """
 
@@ -67,8 +67,9 @@ def flops_of(function):
     return counter.get_total_flops()
 
 
-def vae_update(data, starts, obs_dim, act_dim, batch_size, fused, bf16):
-    """One β-VAE step exactly as opal_vae.py's loop does it (gather, loss, backward, Adam)."""
+def vae_update(data, starts, obs_dim, act_dim, batch_size, fused, bf16, compiled=False):
+    """One β-VAE step exactly as opal_vae.py's loop does it (gather, loss, backward, Adam); `compiled` compiles the
+    loss as opal_vae.py --compile does."""
     torch.manual_seed(0)
     encoder, prior, policy = ov.Encoder(obs_dim, act_dim, 8), ov.Prior(obs_dim, 8), ov.PrimitivePolicy(obs_dim, act_dim, 8)
     for module in (encoder, prior, policy):
@@ -76,11 +77,12 @@ def vae_update(data, starts, obs_dim, act_dim, batch_size, fused, bf16):
     parameters = [*encoder.parameters(), *prior.parameters(), *policy.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=1e-3, fused=fused)
     offsets, generator = torch.arange(10), torch.Generator().manual_seed(0)
+    vae_loss = torch.compile(ov.beta_vae_loss) if compiled else ov.beta_vae_loss
 
     def step():
         rows = starts[torch.randint(len(starts), (batch_size,), generator=generator)][:, None] + offsets
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _, _ = ov.beta_vae_loss(encoder, prior, policy, data["observations"][rows], data["actions"][rows], 0.1)
+            loss, _, _ = vae_loss(encoder, prior, policy, data["observations"][rows], data["actions"][rows], 0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -88,14 +90,18 @@ def vae_update(data, starts, obs_dim, act_dim, batch_size, fused, bf16):
     return step
 
 
-def cql_update(obs_dim, choice_dim, hidden, critic_layers, policy_layers, bf16, n=10, batch_size=256):
+def cql_update(obs_dim, choice_dim, hidden, critic_layers, policy_layers, bf16, compiled=False, n=10, batch_size=256):
     """One CQL step with the operations of opal_cql.py's loop (max-target backup, one batched critic call for the
-    data and the 3n proposals, Lagrange α', tuned entropy, Polyak), on random data of the given shapes."""
+    data and the 3n proposals, Lagrange α', tuned entropy, Polyak), on random data of the given shapes; `compiled`
+    compiles the policy and the critics in place as opal_cql.py --compile does."""
     torch.manual_seed(0)
     low, high = -torch.ones(choice_dim), torch.ones(choice_dim)
     policy = oc.TanhGaussianPolicy(obs_dim, choice_dim, low, high, hidden, policy_layers)
     critics = oc.Critics(obs_dim, choice_dim, hidden, critic_layers)
     targets = oc.Critics(obs_dim, choice_dim, hidden, critic_layers).requires_grad_(False)
+    if compiled:
+        for module in (policy, critics, targets):
+            module.compile()
     log_alpha, log_alpha_prime = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
     policy_optimizer = torch.optim.Adam(policy.parameters(), 1e-4, fused=True)
     critic_optimizer = torch.optim.Adam(critics.parameters(), 3e-4, fused=True)
@@ -163,23 +169,21 @@ def evaluation_rate(num_envs, episodes=10, env_id="PointMaze_Large-v3"):
     return episodes * 800 / seconds
 
 
-def report(label, variants, items_per_step, peaks, seconds, compile_too):
-    """Time each (name, make_step, bf16) variant; the first one is the fp32 eager baseline of the ratios."""
+def report(label, variants, items_per_step, peaks, seconds):
+    """Time each (name, make_step, bf16, compiled) variant; the first one is the fp32 eager baseline of the ratios."""
     baseline = None
-    for name, make_step, bf16 in variants:
-        for compiled in ((False, True) if compile_too else (False,)):
-            step = make_step()
-            if compiled:
-                step, name = torch.compile(step), name + ", compiled"
-                start = time.perf_counter()
-                step()
-                print(f"    (compiling took {time.perf_counter() - start:.0f} s)")
-            flops = flops_of(make_step())  # counted on an eager copy: the same math
-            steps_per_second = rate(step, seconds)
-            baseline = baseline or steps_per_second
-            peak = peaks["bf16" if bf16 else "fp32"]
-            print(f"{label:<40} {name:<26} {steps_per_second:>8.1f} {steps_per_second * items_per_step:>10,.0f} "
-                  f"{flops / 1e9:>8.2f} {steps_per_second * flops / peak:>10.1%} {steps_per_second / baseline:>7.2f}x")
+    for name, make_step, bf16, compiled in variants:
+        step = make_step(compiled)
+        if compiled:
+            start = time.perf_counter()
+            step()
+            print(f"    (compiling took {time.perf_counter() - start:.0f} s)")
+        flops = flops_of(make_step(False))  # counted on an eager copy: the same math
+        steps_per_second = rate(step, seconds)
+        baseline = baseline or steps_per_second
+        peak = peaks["bf16" if bf16 else "fp32"]
+        print(f"{label:<40} {name:<26} {steps_per_second:>8.1f} {steps_per_second * items_per_step:>10,.0f} "
+              f"{flops / 1e9:>8.2f} {steps_per_second * flops / peak:>10.1%} {steps_per_second / baseline:>7.2f}x")
 
 
 if __name__ == "__main__":
@@ -200,20 +204,27 @@ if __name__ == "__main__":
     print("\nβ-VAE update (paper model), samples = windows of c = 10 steps; GFLOP per step, forward + backward")
     print(header)
     for batch_size in args.vae_batch_sizes:
-        variants = [(name, lambda fused=fused, bf16=bf16: vae_update(data, starts, obs_dim, act_dim, batch_size, fused,
-                                                                   bf16), bf16)
-                    for name, fused, bf16 in [("fp32 eager, Adam", False, False), ("fp32 eager, fused Adam", True, False),
-                                              ("bf16 autocast, fused Adam", True, True)]]
-        report(f"batch {batch_size}", variants, batch_size, peaks, args.seconds, args.compile)
+        kinds = [("fp32 eager, Adam", False, False, False), ("fp32 eager, fused Adam", True, False, False),
+                 ("bf16 autocast, fused Adam", True, True, False)]
+        if args.compile:
+            kinds += [("fp32 compiled, fused Adam", True, False, True), ("bf16 compiled, fused Adam", True, True, True)]
+        variants = [(name, lambda compiled, fused=fused, bf16=bf16: vae_update(data, starts, obs_dim, act_dim,
+                                                                              batch_size, fused, bf16, compiled),
+                     bf16, compiled) for name, fused, bf16, compiled in kinds]
+        report(f"batch {batch_size}", variants, batch_size, peaks, args.seconds)
 
     print("\nCQL update, batch 256, 10 sampled choices; samples = transitions")
     print(header)
     for size, hidden, critic_layers, obs, act in [("CORL antmaze (critics 5x256)", 256, 5, 29, 8),
                                                   ("our default (critics 3x128)", 128, 3, 4, 2)]:
         for mode, choice_dim in (("OPAL z 8", 8), (f"raw a {act}", act)):
-            variants = [(name, lambda bf16=bf16: cql_update(obs, choice_dim, hidden, critic_layers, 3, bf16), bf16)
-                        for name, bf16 in [("fp32 eager", False), ("bf16 autocast", True)]]
-            report(f"{size}, {mode}", variants, 256, peaks, args.seconds, args.compile)
+            kinds = [("fp32 eager", False, False), ("bf16 autocast", True, False)]
+            if args.compile:
+                kinds += [("fp32 compiled", False, True), ("bf16 compiled", True, True)]
+            variants = [(name, lambda compiled, bf16=bf16: cql_update(obs, choice_dim, hidden, critic_layers, 3, bf16,
+                                                                       compiled), bf16, compiled)
+                        for name, bf16, compiled in kinds]
+            report(f"{size}, {mode}", variants, 256, peaks, args.seconds)
 
     print("\nevaluation (opal_cql.evaluate, policy 3x128), PointMaze_Large-v3, 10 episodes of 800 steps:")
     single = evaluation_rate(1)
