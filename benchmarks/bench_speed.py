@@ -188,6 +188,9 @@ def report(label, variants, items_per_step, peaks, seconds):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    # every row builds new modules from the same classes; past dynamo's default of 8 recompilations per function
+    # it silently falls back to eager, and the later compiled rows would time eager code
+    torch._dynamo.config.recompile_limit = 64
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as the scripts do
