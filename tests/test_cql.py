@@ -183,3 +183,7 @@ def test_cql_speed_flags_run(sandbox, datasets, vae_checkpoints, flag):
     assert all(np.isfinite(scalars(run_dir, "losses/td_loss")))
     task_policy, primitive_policy = oc.policies_from_checkpoint(torch.load(run_dir / "opal_cql.pt", weights_only=True))
     assert primitive_policy is not None  # the checkpoint's parameter names are the eager modules' (loads strictly)
+    if flag == "--bf16":  # honoured where the CPU computes in bf16, ignored with a warning elsewhere
+        native = oc.bf16_is_native(torch.device("cpu"))
+        saved = torch.load(run_dir / "opal_cql.pt", weights_only=True)
+        assert saved["args"]["bf16"] == native and ("--bf16 ignored" in result.stdout) != native

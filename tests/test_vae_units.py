@@ -130,6 +130,14 @@ def payload():
             "c": 10, "latent_dim": 8, "prior": ov.Prior(4, 8, 16).state_dict(), "args": {"seed": 1, "x": None}}
 
 
+def test_bf16_only_where_the_hardware_has_it(monkeypatch):
+    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert ov.bf16_is_native(torch.device("cpu")) == expected
+    assert not ov.bf16_is_native(torch.device("meta"))
+
+
 def test_checkpoint_round_trip(tmp_path):
     path = tmp_path / "opal_vae.pt"
     ov.save_checkpoint(path, payload())
