@@ -605,7 +605,7 @@ if __name__ == "__main__":
     # setup: seeding, device, data
     device = setup_torch(args.seed, args.device)
     if args.bf16 and not bf16_is_native(device):  # as torch's CUDA autocast does: warn, then run in fp32
-        print(f"--bf16 ignored: this {device.type} has no native bf16 arithmetic, where it would be slower than fp32")
+        print(f"bf16 autocast off: this {device.type} has no native bf16 arithmetic, where it is slower than fp32")
         args.bf16 = False
     dataset_id = resolve_dataset_id(args.env, args.dataset_id)
     dataset = load_minari_dataset(dataset_id)

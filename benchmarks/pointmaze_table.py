@@ -41,7 +41,7 @@ class Args:
     summarize_only: bool = False
     """only print the table of the runs already in --runs-dir"""
     cql_args: str = ("--env pointmaze-large --total-steps 15000 --hidden-dim 128 --critic-layers 3 --policy-layers 3 "
-                     "--eval-every 2500 --eval-episodes 100 --eval-episodes-during 20")
+                     "--eval-every 2500 --eval-episodes 100 --eval-episodes-during 20 --no-bf16")
     """flags passed to every opal_cql.py run (one quoted string)"""
 
 

@@ -175,7 +175,7 @@ def test_cql_refuses_other_dims(sandbox, datasets, vae_checkpoints, tmp_path):
     assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", other), "its obs_dim is 29, this run has 4")
 
 
-@pytest.mark.parametrize("flag", ["--bf16", "--compile"])
+@pytest.mark.parametrize("flag", ["--no-bf16", "--bf16", "--compile"])
 def test_cql_speed_flags_run(sandbox, datasets, vae_checkpoints, flag):
     result = run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", vae_checkpoints["pointmaze"], flag)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -183,7 +183,9 @@ def test_cql_speed_flags_run(sandbox, datasets, vae_checkpoints, flag):
     assert all(np.isfinite(scalars(run_dir, "losses/td_loss")))
     task_policy, primitive_policy = oc.policies_from_checkpoint(torch.load(run_dir / "opal_cql.pt", weights_only=True))
     assert primitive_policy is not None  # the checkpoint's parameter names are the eager modules' (loads strictly)
-    if flag == "--bf16":  # honoured where the CPU computes in bf16, ignored with a warning elsewhere
+    saved = torch.load(run_dir / "opal_cql.pt", weights_only=True)
+    if flag == "--bf16":  # honoured where the CPU computes in bf16, turned off with a message elsewhere
         native = oc.bf16_is_native(torch.device("cpu"))
-        saved = torch.load(run_dir / "opal_cql.pt", weights_only=True)
-        assert saved["args"]["bf16"] == native and ("--bf16 ignored" in result.stdout) != native
+        assert saved["args"]["bf16"] == native and ("bf16 autocast off" in result.stdout) != native
+    if flag == "--no-bf16":  # bf16 is the default; the fp32 path still runs
+        assert saved["args"]["bf16"] is False and "bf16 autocast off" not in result.stdout
