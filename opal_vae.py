@@ -62,7 +62,7 @@ class Args:
     """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
     bf16: bool = False
     """run the forward pass under torch.autocast(bfloat16); only on GPUs and on CPUs with AMX / AVX-512 BF16
-    (ignored with a warning elsewhere, where it would be slower)"""
+    (off, with a message, elsewhere, where it would be slower)"""
     compile: bool = False
     """torch.compile the β-VAE loss (compiles for about half a minute first)"""
     runs_dir: str = "runs"
