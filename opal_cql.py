@@ -587,13 +587,20 @@ def setup_torch(seed: int, device_name: str) -> torch.device:
     return torch.device(device_name)
 
 
-def bf16_is_native(device: torch.device) -> bool:
-    """--bf16 pays only where the hardware computes in bf16: GPUs that support it, x86 CPUs with AVX-512 BF16 or
-    AMX. Elsewhere the matmuls are emulated: on our CPU with those instructions masked (ONEDNN_MAX_CPU_ISA),
-    a bf16 matmul ran at a fifth of the fp32 rate with AVX-512 alone and at under 1 GFLOP/s with AVX2."""
+def use_bf16(requested: bool, device: torch.device) -> bool:
+    """Whether to autocast to bf16: only if requested and the hardware computes in bf16 (GPUs that support it,
+    x86 CPUs with AVX-512 BF16 or AMX); otherwise say so and stay in fp32, as torch's CUDA autocast does.
+    Elsewhere the matmuls are emulated: on our CPU with those instructions masked (ONEDNN_MAX_CPU_ISA), a bf16
+    matmul ran at a fifth of the fp32 rate with AVX-512 alone and at under 1 GFLOP/s with AVX2."""
+    if not requested:
+        return False
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if not native:
+        print(f"bf16 autocast off: this {device.type} has no native bf16 arithmetic, where it is slower than fp32")
+    return native
 
 
 def open_run(args, config: dict, resumed_dir=None):
@@ -724,9 +731,7 @@ if __name__ == "__main__":
     if args.capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering without a display
     device = setup_torch(args.seed, args.device)
-    if args.bf16 and not bf16_is_native(device):  # as torch's CUDA autocast does: warn, then run in fp32
-        print(f"bf16 autocast off: this {device.type} has no native bf16 arithmetic, where it is slower than fp32")
-        args.bf16 = False
+    args.bf16 = use_bf16(args.bf16, device)
     dataset_id = resolve_dataset_id(args.env, args.dataset_id)
     # Budget and sizes: CORL's antmaze configuration for D4RL data; smaller ones that run on a CPU otherwise
     paper_scale = dataset_id.startswith("D4RL/")

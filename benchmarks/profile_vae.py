@@ -6,7 +6,6 @@ Run:  python benchmarks/profile_vae.py --batch-size 1024      # on an idle machi
 
 import collections
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,9 @@ class Args:
     batch_size: int = 1024
     """windows per update"""
     steps: int = 3
-    """profiled updates (after three warm-up updates)"""
+    """profiled updates"""
+    seconds: float = 3.0
+    """time budget of the unprofiled measurement before the profile (after three warm-up updates)"""
     bf16: bool = True
     """autocast to bf16"""
     compile: bool = True
@@ -42,12 +43,7 @@ if __name__ == "__main__":
     starts = ov.window_starts(data["episode_lengths"], 10)
     step = bench_speed.vae_update(data, starts, data["observations"].shape[1], data["actions"].shape[1],
                                   args.batch_size, True, args.bf16, args.compile)
-    for _ in range(3):
-        step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    print(f"unprofiled: {args.steps * args.batch_size / (time.perf_counter() - start):,.0f} windows/s")
+    print(f"unprofiled: {bench_speed.rate(step, args.seconds) * args.batch_size:,.0f} windows/s")  # warms up too
     with profile() as profiler:
         for _ in range(args.steps):
             step()

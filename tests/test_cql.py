@@ -181,11 +181,11 @@ def test_cql_speed_flags_run(sandbox, datasets, vae_checkpoints, flag):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = Path([l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1][12:]).parent
     assert all(np.isfinite(scalars(run_dir, "losses/td_loss")))
-    task_policy, primitive_policy = oc.policies_from_checkpoint(torch.load(run_dir / "opal_cql.pt", weights_only=True))
-    assert primitive_policy is not None  # the checkpoint's parameter names are the eager modules' (loads strictly)
     saved = torch.load(run_dir / "opal_cql.pt", weights_only=True)
+    task_policy, primitive_policy = oc.policies_from_checkpoint(saved)
+    assert primitive_policy is not None  # the checkpoint's parameter names are the eager modules' (loads strictly)
     if flag == "--bf16":  # honoured where the CPU computes in bf16, turned off with a message elsewhere
-        native = oc.bf16_is_native(torch.device("cpu"))
+        native = oc.use_bf16(True, torch.device("cpu"))
         assert saved["args"]["bf16"] == native and ("bf16 autocast off" in result.stdout) != native
     if flag == "--no-bf16":  # bf16 is the default; the fp32 path still runs
         assert saved["args"]["bf16"] is False and "bf16 autocast off" not in result.stdout

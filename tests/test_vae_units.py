@@ -134,8 +134,9 @@ def test_bf16_only_where_the_hardware_has_it(monkeypatch):
     for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        assert ov.bf16_is_native(torch.device("cpu")) == expected
-    assert not ov.bf16_is_native(torch.device("meta"))
+        assert ov.use_bf16(True, torch.device("cpu")) == expected
+        assert not ov.use_bf16(False, torch.device("cpu"))
+    assert not ov.use_bf16(True, torch.device("meta"))
 
 
 def test_checkpoint_round_trip(tmp_path):
