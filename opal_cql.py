@@ -127,6 +127,14 @@ class Args:
     """start of one high-level window every this many steps; default c (the paper's partition of trajectories)"""
     latent_margin: float = 0.0
     """widen the task policy's latent box beyond the relabelled latents' range by this fraction of it (ours)"""
+    high_level_discount: Literal["decision", "window"] = "window"
+    """decision: discount γ per high-level decision (SPiRL, SUPE); window: γ^k for a window of k steps (the SMDP)"""
+    latent_bound: Literal["minmax", "std"] = "minmax"
+    """the task policy's latent box: minmax of the relabelled latents, or their mean ± --latent-bound-std std"""
+    latent_bound_std: float = 2.0
+    """half-width of the std box in standard deviations of the relabelled latents (ours)"""
+    prior_kl_weight: float = 0.0
+    """weight λ of KL(π(z|s) || ρ(z|s)) toward the VAE's prior in the task policy's loss (SPiRL-style; ours)"""
 
 
 # --- shared: datasets ---
@@ -256,7 +264,7 @@ def relabel(starts, c, rewards, dones, gamma):
     """High-level transitions of the windows starting at `starts` (Section 4.1 of the paper).
 
     rewards[t], dones[t]: reward and termination of the low-level transition s_t -> s_{t+1} (rows as in the
-    flat dataset). Returns (discounted reward sums Σ_{t<k} γ^t r_t, done flags, next-state rows), where k is
+    flat dataset). Returns (discounted reward sums Σ_{t<k} γ^t r_t, done flags, next-state rows, k), where k is
     c, or the step after the first termination inside the window: a window that reaches the goal ends there,
     it is marked done and its backup does not bootstrap, so what follows in the data never counts.
     """
@@ -267,7 +275,7 @@ def relabel(starts, c, rewards, dones, gamma):
     returns = (rewards[rows] * alive * discounts).sum(1)
     done = window_dones.any(1)
     steps = torch.where(done, window_dones.float().argmax(1) + 1, torch.full_like(starts, c))
-    return returns, done.float(), starts + steps
+    return returns, done.float(), starts + steps, steps
 
 
 SUCCESS_RADIUS = 0.45  # gymnasium-robotics maze v4 success radius
@@ -452,8 +460,12 @@ class Critics(nn.Module):
         self.ensemble = ensemble
 
     def forward(self, states, actions):
-        x = torch.cat([self.normalize(states), actions], -1)
-        return self.net(x.unsqueeze(0).expand(self.ensemble, -1, -1)).squeeze(-1)
+        x = torch.cat([self.normalize(states), actions], -1).unsqueeze(0).expand(self.ensemble, -1, -1)
+        *hidden, last = self.net
+        for layer in hidden:
+            x = layer(x)
+        with torch.autocast(x.device.type, enabled=False):  # Q in fp32: bf16 holds only even numbers in [256, 512)
+            return last(x.float()).squeeze(-1)
 
 
 class TanhGaussianPolicy(nn.Module):
@@ -588,19 +600,19 @@ def setup_torch(seed: int, device_name: str) -> torch.device:
 
 
 def use_bf16(requested: bool, device: torch.device) -> bool:
-    """Whether to autocast to bf16: only if requested and the hardware computes in bf16 (GPUs that support it,
-    x86 CPUs with AVX-512 BF16 or AMX); otherwise say so and stay in fp32, as torch's CUDA autocast does.
-    Elsewhere the matmuls are emulated: on our CPU with those instructions masked (ONEDNN_MAX_CPU_ISA), a bf16
-    matmul ran at a fifth of the fp32 rate with AVX-512 alone and at under 1 GFLOP/s with AVX2."""
+    """Whether to autocast to bf16: only if requested and bf16 is measured faster than fp32 on this hardware: CUDA
+    GPUs that support it, and x86 CPUs with AMX (bf16 matmuls ~7x fp32 there). On CPUs with AVX-512 BF16 but no AMX
+    a bf16 matmul ran at 0.6x fp32 and the CQL update at 0.7x, and without either it is emulated (a fifth of fp32 or
+    worse), so everywhere else the run stays in fp32 and says so."""
     if not requested:
         return False
     if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
+        faster, hardware = torch.cuda.is_bf16_supported(), "this GPU has no bf16"
     else:
-        native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    if not native:
-        print(f"bf16 autocast off: this {device.type} has no native bf16 arithmetic, where it is slower than fp32")
-    return native
+        faster, hardware = device.type == "cpu" and torch.cpu._is_amx_tile_supported(), f"this {device.type} has no AMX"
+    if not faster:
+        print(f"bf16 autocast off: {hardware}, where bf16 is slower than fp32")
+    return faster
 
 
 def open_run(args, config: dict, resumed_dir=None):
@@ -759,8 +771,8 @@ if __name__ == "__main__":
     starts = window_starts(data["episode_lengths"], c, stride=args.relabel_stride or c).to(device)
     if len(starts) == 0:
         fail(f"every episode of {dataset_id} is shorter than c = {c} steps; there are no windows to relabel.")
-    returns, done, next_rows = relabel(starts, c, shaped, dones, args.gamma)
-    primitive_policy = None
+    returns, done, next_rows, steps = relabel(starts, c, shaped, dones, args.gamma)
+    primitive_policy, prior = None, None
     if vae is not None:
         encoder = Encoder(obs_dim, act_dim, vae["latent_dim"], vae["hidden_dim"], vae["gru_layers"]).to(device)
         encoder.load_state_dict(vae["encoder"])
@@ -770,17 +782,26 @@ if __name__ == "__main__":
         with torch.no_grad():
             rows = starts[:, None] + torch.arange(c, device=device)
             choices = torch.cat([encoder(data["observations"][r], data["actions"][r])[0] for r in rows.split(4096)])
-        low, high = choices.min(0).values, choices.max(0).values
+        if args.latent_bound == "minmax":
+            low, high = choices.min(0).values, choices.max(0).values
+        else:
+            low = choices.mean(0) - args.latent_bound_std * choices.std(0)
+            high = choices.mean(0) + args.latent_bound_std * choices.std(0)
         margin = args.latent_margin * (high - low)
         choice_low, choice_high = low - margin, high + margin  # the latent box covers the relabelled latents
         del encoder
+        if args.prior_kl_weight > 0:
+            prior = Prior(obs_dim, vae["latent_dim"], vae["hidden_dim"]).to(device)
+            prior.load_state_dict(vae["prior"])
+            prior.requires_grad_(False)
     else:
         choices = data["actions"][starts]
         choice_low = torch.as_tensor(act_low, dtype=torch.float32, device=device)
         choice_high = torch.as_tensor(act_high, dtype=torch.float32, device=device)
         choices = choices.clamp(choice_low, choice_high)
     states, next_states = data["observations"][starts], data["observations"][next_rows]
-    discount = args.gamma ** c  # the high-level Bellman backup discounts by γ^c
+    # the high-level Bellman backup: γ per decision, or γ^k for a window of k steps
+    discounts = args.gamma ** (steps.float() if args.high_level_discount == "window" else torch.ones_like(returns))
     choice_dim = choices.shape[1]
 
     config = {**asdict(args), "dataset_id": dataset_id, "c": c, "transitions": len(starts),
@@ -872,7 +893,7 @@ if __name__ == "__main__":
     for step in progress:
         batch = torch.randint(len(starts), (batch_size,), device=device, generator=sampler)
         s, choice, reward, s_next = states[batch], choices[batch], returns[batch], next_states[batch]
-        not_done = 1 - done[batch]
+        not_done, discount = 1 - done[batch], discounts[batch]
 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             # Critic targets: max over n sampled next choices of the min over the target critics
@@ -926,6 +947,9 @@ if __name__ == "__main__":
                 policy_loss = (alpha * log_prob - task_policy.log_prob(s, choice)).float().mean()
             else:
                 policy_loss = (alpha * log_prob - critics(s, new_choice).min(0).values).float().mean()
+            if prior is not None:  # KL(π(z|s) || ρ(z|s)), one-sample estimate
+                policy_loss = policy_loss + args.prior_kl_weight * (
+                    log_prob - gaussian_log_prob(new_choice, *prior(s))).mean()
         policy_optimizer.zero_grad(set_to_none=True)
         policy_loss.backward()
         policy_optimizer.step()

@@ -466,19 +466,19 @@ def setup_torch(seed: int, device_name: str) -> torch.device:
 
 
 def use_bf16(requested: bool, device: torch.device) -> bool:
-    """Whether to autocast to bf16: only if requested and the hardware computes in bf16 (GPUs that support it,
-    x86 CPUs with AVX-512 BF16 or AMX); otherwise say so and stay in fp32, as torch's CUDA autocast does.
-    Elsewhere the matmuls are emulated: on our CPU with those instructions masked (ONEDNN_MAX_CPU_ISA), a bf16
-    matmul ran at a fifth of the fp32 rate with AVX-512 alone and at under 1 GFLOP/s with AVX2."""
+    """Whether to autocast to bf16: only if requested and bf16 is measured faster than fp32 on this hardware: CUDA
+    GPUs that support it, and x86 CPUs with AMX (bf16 matmuls ~7x fp32 there). On CPUs with AVX-512 BF16 but no AMX
+    a bf16 matmul ran at 0.6x fp32 and the CQL update at 0.7x, and without either it is emulated (a fifth of fp32 or
+    worse), so everywhere else the run stays in fp32 and says so."""
     if not requested:
         return False
     if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
+        faster, hardware = torch.cuda.is_bf16_supported(), "this GPU has no bf16"
     else:
-        native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    if not native:
-        print(f"bf16 autocast off: this {device.type} has no native bf16 arithmetic, where it is slower than fp32")
-    return native
+        faster, hardware = device.type == "cpu" and torch.cpu._is_amx_tile_supported(), f"this {device.type} has no AMX"
+    if not faster:
+        print(f"bf16 autocast off: {hardware}, where bf16 is slower than fp32")
+    return faster
 
 
 def open_run(args, config: dict, resumed_dir=None):

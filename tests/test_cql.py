@@ -24,22 +24,23 @@ def test_relabel_by_hand():
     # one episode of 6 steps (rows 0..6), c = 3; the goal is reached by the transition s_2 -> s_3
     rewards = torch.tensor([0.0, 0, 1, 0, 0, 0, 0])
     starts = torch.tensor([0, 3])
-    returns, done, next_rows = oc.relabel(starts, 3, rewards * 10 - 5, rewards, gamma=0.5)
+    returns, done, next_rows, steps = oc.relabel(starts, 3, rewards * 10 - 5, rewards, gamma=0.5)
     assert returns.tolist() == pytest.approx([-5 - 2.5 + 0.25 * 5, -5 - 2.5 - 1.25])
-    assert done.tolist() == [1.0, 0.0] and next_rows.tolist() == [3, 6]
+    assert done.tolist() == [1.0, 0.0] and next_rows.tolist() == [3, 6] and steps.tolist() == [3, 3]
 
 
 def test_relabel_stops_at_the_first_termination():
     # the goal is reached by s_1 -> s_2: the window ends there, its later rewards do not count
     rewards = torch.tensor([0.0, 1, 1, 0, 0])
-    returns, done, next_rows = oc.relabel(torch.tensor([0]), 4, rewards, rewards, gamma=0.9)
+    returns, done, next_rows, steps = oc.relabel(torch.tensor([0]), 4, rewards, rewards, gamma=0.9)
     assert returns.tolist() == pytest.approx([0.9]) and done.tolist() == [1.0] and next_rows.tolist() == [2]
+    assert steps.tolist() == [2]
 
 
 def test_relabel_with_stride_one_windows():
     rewards = torch.arange(8, dtype=torch.float32)
     starts = oc.window_starts(torch.tensor([7]), 2, stride=1)
-    returns, done, next_rows = oc.relabel(starts, 2, rewards, torch.zeros(8), gamma=0.5)
+    returns, done, next_rows, _ = oc.relabel(starts, 2, rewards, torch.zeros(8), gamma=0.5)
     assert returns.tolist() == [t + 0.5 * (t + 1) for t in range(6)]
     assert next_rows.tolist() == list(range(2, 8)) and done.sum() == 0
 

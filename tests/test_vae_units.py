@@ -130,8 +130,9 @@ def payload():
             "c": 10, "latent_dim": 8, "prior": ov.Prior(4, 8, 16).state_dict(), "args": {"seed": 1, "x": None}}
 
 
-def test_bf16_only_where_the_hardware_has_it(monkeypatch):
-    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
+def test_bf16_only_where_it_is_faster(monkeypatch):
+    # AVX-512 BF16 without AMX computes bf16 at 0.6x fp32 (measured): off there
+    for avx512_bf16, amx, expected in [(False, False, False), (True, False, False), (False, True, True), (True, True, True)]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         assert ov.use_bf16(True, torch.device("cpu")) == expected
