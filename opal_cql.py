@@ -1,17 +1,24 @@
-"""OPAL, step 2: offline RL with primitives. Conservative Q-learning (CQL) chooses a latent primitive z every c steps.
+"""OPAL, step 2: offline RL with primitives. CQL learns a task policy that picks a primitive z every c steps.
 
-The dataset is relabelled with the encoder of `opal_vae.py` (Ajay et al., ICLR 2021, Section 4.1): every
-length-c window becomes one high-level transition (s_0, z = μ_φ(τ), Σ_{t<c} γ^t r_t, s_c). CQL (Kumar et al.,
-2020) then learns a task policy π_ψ(z|s) on these transitions; at test time the frozen primitive policy
-π_θ(a|s,z) turns each z into c actions. `--primitives none` runs the same CQL on raw actions (c = 1): the
-baseline column of the paper's Table 1.
+OPAL (Ajay et al., ICLR 2021, Section 4.1) relabels the dataset with the encoder of `opal_vae.py`: every length-c
+window becomes one high-level transition (s_0, z = μ_φ(τ), Σ_{t<c} γ^t r_t, s_c). Conservative Q-learning (CQL;
+Kumar et al., 2020) learns the task policy π_ψ(z|s) from these transitions; at test time the frozen primitive policy
+π_θ(a|s,z) turns each z into c actions. `--primitives none` runs the same CQL on raw actions (c = 1): the baseline
+column of the paper's Table 1.
+
+A *choice* below is what the task policy outputs and the critics score: the latent z with primitives (held for c
+steps), the raw action a without them (c = 1). The same code handles both.
 
 Run:    python opal_cql.py --vae-ckpt runs/<vae run>/opal_vae.pt                 # CQL+OPAL on pointmaze-large
         python opal_cql.py --primitives none                                     # plain CQL
         python opal_cql.py --env antmaze-large-diverse --vae-ckpt runs/<vae run>/opal_vae.pt
-Reads:  a Minari dataset (--env or --dataset-id) and, with primitives, an opal_vae.pt checkpoint
+Reads:  a Minari dataset (--env or --dataset-id) and, with primitives, a finished opal_vae.pt
 Writes: runs/opal_cql__<env>__<seed>__<time>/  opal_cql.pt (task policy + the primitive policy it drives),
         TensorBoard events, config.json, eval.mp4 with --capture-video
+
+Reading order: `Args`; then ALGORITHM: the task's reward, the relabelling, the latent action space, the networks and
+the `CQL` update; then `__main__` at the bottom (setup → relabel → update loop → evaluation). The BOOKKEEPING section
+between them (datasets, checkpoints, logging, evaluation episodes) can be skipped on a first reading.
 """
 
 import copy
@@ -27,8 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import farama_notifications
 import gymnasium as gym
-import gymnasium_robotics
 import minari
 import numpy as np
 import torch
@@ -38,7 +45,15 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+# --- shared: quiet_robotics_import ---
+# gymnasium-robotics prints a notice about its Adroit reward functions on import; no OPAL script uses Adroit
+ROBOTICS_NOTICES = farama_notifications.notifications.get("gymnasium_robotics", {})
+for version in [version for version, notice in ROBOTICS_NOTICES.items() if notice.startswith("AdroitHand")]:
+    del ROBOTICS_NOTICES[version]
+import gymnasium_robotics  # noqa: E402
+
 gym.register_envs(gymnasium_robotics)
+# --- end shared ---
 
 
 @dataclass
@@ -54,6 +69,8 @@ class Args:
     """any Minari dataset id, local or remote; overrides --env"""
     vae_ckpt: Optional[str] = None
     """opal_vae.pt (or its run directory) trained on the same dataset; required with --primitives opal"""
+    allow_unfinished: bool = False
+    """accept a --vae-ckpt whose run did not finish (stopped before its last step); refused otherwise"""
     primitives: Literal["opal", "none"] = "opal"
     """opal: CQL over latent primitives; none: plain CQL over raw actions (c = 1), the baseline"""
     track: bool = False
@@ -67,8 +84,8 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda if available), cpu, cuda, ..."""
     bf16: bool = True
-    """run the forward passes under torch.autocast(bfloat16) (on by default: as good as fp32 in our parity runs,
-    1.7x faster); only on GPUs and on CPUs with AMX / AVX-512 BF16, off (with a message) elsewhere"""
+    """run the forward passes under torch.autocast(bfloat16), Q values in fp32; honoured only where bf16 is faster
+    than fp32 (CUDA GPUs, CPUs with AMX), off with a message elsewhere"""
     compile: bool = False
     """torch.compile the task policy and the critics (compiles for about a minute first)"""
     runs_dir: str = "runs"
@@ -76,7 +93,7 @@ class Args:
     save_every: int = 10_000
     """write the checkpoint every this many gradient steps (and at the end or on Ctrl-C)"""
     log_every: int = 250
-    """log losses and steps/s every this many gradient steps"""
+    """log losses (averaged since the last log) and steps/s every this many gradient steps"""
     eval_every: Optional[int] = None
     """evaluate every this many gradient steps with --eval-episodes-during episodes; default total_steps // 6"""
     eval_episodes: int = 100
@@ -88,55 +105,396 @@ class Args:
     resume: Optional[str] = None
     """continue an interrupted run from its opal_cql.pt (or run directory), with the arguments saved in it"""
 
-    # CQL; defaults follow CORL's antmaze configuration (see README) unless marked "ours"
+    # OPAL's high level: how the relabelled transitions are backed up and where the task policy may choose
+    high_level_discount: Literal["decision", "window"] = "window"
+    """decision: γ per high-level decision (SPiRL, SUPE); window: γ^k for a window of k steps (the exact SMDP)"""
+    latent_bound: Literal["minmax", "std"] = "minmax"
+    """the task policy's latent box: min/max of the relabelled latents, or their mean ± --latent-bound-std stds"""
+    latent_bound_std: float = 2.0
+    """half-width of the std box, in standard deviations of the relabelled latents (ours)"""
+    latent_margin: float = 0.0
+    """widen the latent box by this fraction of its width on each side (ours)"""
+    prior_kl_weight: float = 0.0
+    """weight λ of KL(π(z|s) || ρ(z|s)), toward the VAE's prior, in the task policy's loss (SPiRL-style; ours)"""
+    relabel_stride: Optional[int] = None
+    """start of one high-level window every this many steps; default c (the paper's partition of trajectories)"""
+
+    # CQL; defaults follow CORL's antmaze configuration unless marked "ours"
     total_steps: Optional[int] = None
-    """gradient steps of CQL; default 1,000,000 for D4RL aliases (CORL), 15,000 otherwise (ours: pointmaze on a CPU)"""
+    """gradient steps; default 1,000,000 for D4RL aliases (CORL), 15,000 otherwise (ours: pointmaze on a CPU)"""
     batch_size: int = 256
-    """transitions per gradient step"""
+    """transitions per gradient step (CORL)"""
     gamma: float = 0.99
-    """per-step discount; a high-level transition of c steps is discounted by gamma**c"""
+    """per-step discount γ inside a window's reward sum, and of the backup as --high-level-discount says (CORL)"""
     tau: float = 0.005
-    """Polyak rate of the target critics"""
+    """Polyak rate of the target critics (CORL)"""
     policy_lr: float = 1e-4
-    """Adam learning rate of the task policy"""
+    """Adam learning rate of the task policy (CORL)"""
     critic_lr: float = 3e-4
-    """Adam learning rate of the critics"""
+    """Adam learning rate of the critics (CORL)"""
     hidden_dim: Optional[int] = None
-    """width of the task policy's and critics' hidden layers; default 256 for D4RL aliases (CORL), 128 otherwise"""
+    """width of the task policy's and critics' hidden layers; default 256 for D4RL aliases (CORL), 128 otherwise (ours)"""
     policy_layers: int = 3
-    """hidden layers of the task policy"""
+    """hidden layers of the task policy (CORL)"""
     critic_layers: Optional[int] = None
-    """hidden layers of each critic; default 5 for D4RL aliases (CORL antmaze), 3 otherwise"""
+    """hidden layers of each critic; default 5 for D4RL aliases (CORL antmaze), 3 otherwise (ours)"""
     cql_alpha: float = 5.0
     """weight of the CQL regulariser (CORL antmaze: 5)"""
     lagrange: bool = True
-    """tune the CQL weight with a Lagrange multiplier towards --target-action-gap"""
+    """tune the CQL weight with a Lagrange multiplier towards --target-action-gap (CORL antmaze)"""
     target_action_gap: float = 0.8
     """the Lagrange variant's target for E[logsumexp Q] - E_data[Q] (CORL antmaze: 0.8)"""
     cql_n_actions: int = 10
-    """actions (latents) sampled per state for the CQL regulariser and the max-target backup"""
+    """choices sampled per state for the CQL regulariser and the max-target backup (CORL)"""
     max_target_backup: bool = True
-    """back up the max over sampled next actions of the min over critics"""
+    """back up the max over sampled next choices of the min over critics (CORL antmaze)"""
     reward_scale: float = 10.0
     """r' = reward_scale * r + reward_bias per low-level step (CORL antmaze: 10, -5)"""
     reward_bias: float = -5.0
     """see --reward-scale"""
     policy_bc_steps: int = 0
-    """first gradient steps in which the task policy imitates the dataset's z (or a) instead of maximising Q"""
-    relabel_stride: Optional[int] = None
-    """start of one high-level window every this many steps; default c (the paper's partition of trajectories)"""
-    latent_margin: float = 0.0
-    """widen the task policy's latent box beyond the relabelled latents' range by this fraction of it (ours)"""
-    high_level_discount: Literal["decision", "window"] = "window"
-    """decision: discount γ per high-level decision (SPiRL, SUPE); window: γ^k for a window of k steps (the SMDP)"""
-    latent_bound: Literal["minmax", "std"] = "minmax"
-    """the task policy's latent box: minmax of the relabelled latents, or their mean ± --latent-bound-std std"""
-    latent_bound_std: float = 2.0
-    """half-width of the std box in standard deviations of the relabelled latents (ours)"""
-    prior_kl_weight: float = 0.0
-    """weight λ of KL(π(z|s) || ρ(z|s)) toward the VAE's prior in the task policy's loss (SPiRL-style; ours)"""
+    """first gradient steps in which the task policy imitates the dataset's choices instead of maximising Q"""
+
+    def __post_init__(self):
+        for name in ("total_steps", "batch_size", "hidden_dim", "policy_layers", "critic_layers", "cql_n_actions",
+                     "save_every", "log_every", "eval_every", "eval_episodes", "num_envs", "relabel_stride"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.policy_bc_steps < 0 or self.eval_episodes_during < 0 or self.prior_kl_weight < 0:
+            fail("--policy-bc-steps, --eval-episodes-during and --prior-kl-weight cannot be negative.")
+        if self.latent_bound_std <= 0:
+            fail(f"--latent-bound-std must be positive, got {self.latent_bound_std}.")
+        if self.primitives == "opal" and not self.vae_ckpt and not self.resume:
+            fail("--primitives opal needs --vae-ckpt runs/<opal_vae run>/opal_vae.pt (train one with opal_vae.py), "
+                 "or use --primitives none for plain CQL.")
+        if self.vae_ckpt:  # saved in opal_cql.pt: resuming from another folder still finds it
+            self.vae_ckpt = str(Path(self.vae_ckpt).resolve())
 
 
+# ======================================================================================================================
+# ALGORITHM: what to study. The task's reward, OPAL's relabelling (§4.1), the latent action space, the networks
+# (shared word for word with the other scripts) and the CQL update.
+# ======================================================================================================================
+SUCCESS_RADIUS = 0.45  # gymnasium-robotics maze v4 success radius
+
+
+def task_rewards(data, eval_env):
+    """Per-step reward and termination of the *evaluation* task, as D4RL defines it.
+
+    Mazes: 1 when the next achieved_goal is within 0.45 of the evaluation goal cell's centre (Minari's maze
+    datasets store rewards for each episode's own random goal, so we relabel); reaching it ends the episode.
+    Kitchen and others: the dataset's rewards and terminations.
+    """
+    maze = getattr(eval_env.unwrapped, "maze", None)
+    if maze is None or "achieved_goal" not in data:
+        return data["rewards"], data["terminations"]
+    goal = torch.as_tensor(np.asarray(maze.unique_goal_locations[0]), dtype=torch.float32,
+                           device=data["rewards"].device)
+    reached = (data["achieved_goal"] - goal).norm(dim=-1) <= SUCCESS_RADIUS
+    rewards = torch.zeros_like(data["rewards"])
+    rewards[:-1] = reached[1:].float()  # r_t refers to s_{t+1}; the last row of each episode is padding
+    last_rows = torch.cumsum(data["episode_lengths"] + 1, 0) - 1
+    rewards[last_rows.to(rewards.device)] = 0.0
+    return rewards, rewards.clone()
+
+
+def relabel(starts, c, rewards, dones, gamma):
+    """High-level transitions of the windows starting at `starts` (OPAL §4.1).
+
+    rewards[t], dones[t]: reward and termination of the low-level transition s_t -> s_{t+1} (rows as in the flat
+    dataset). Returns (discounted reward sums R = Σ_{t<k} γ^t r_t, done flags, next-state rows, k), where k is c, or
+    the step after the first termination inside the window: a window that reaches the goal ends there, it is marked
+    done and its backup does not bootstrap, so what follows in the data never counts.
+    """
+    rows = starts[:, None] + torch.arange(c, device=starts.device)  # (N, c)
+    window_dones = dones[rows] > 0
+    alive = torch.cumprod(torch.cat([torch.ones_like(window_dones[:, :1]), ~window_dones[:, :-1]], 1), 1)
+    discounts = gamma ** torch.arange(c, dtype=torch.float32, device=starts.device)
+    returns = (rewards[rows] * alive * discounts).sum(1)
+    done = window_dones.any(1)
+    steps = torch.where(done, window_dones.float().argmax(1) + 1, torch.full_like(starts, c))
+    return returns, done.float(), starts + steps, steps
+
+
+def latent_box(latents, bound: str, stds: float, margin: float):
+    """The task policy's latent action space, a box (the paper leaves it open; ours). minmax: the range of the
+    relabelled latents, every choice where the encoder saw behaviour, tails included; std: their mean ± `stds`
+    standard deviations, the bulk of the data's latents. `margin` widens either by that fraction of its width."""
+    if bound == "minmax":
+        low, high = latents.min(0).values, latents.max(0).values
+    else:
+        low, high = latents.mean(0) - stds * latents.std(0), latents.mean(0) + stds * latents.std(0)
+    return low - margin * (high - low), high + margin * (high - low)
+
+
+# --- shared: networks ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # clamp of every Gaussian's log-std (ours; keeps likelihoods finite)
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 2) -> nn.Sequential:
+    layers, width = [], in_dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+        width = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+class Normalizer(nn.Module):
+    """Standardises states with the dataset's mean and std (ours); stored in every state dict."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, states: torch.Tensor):
+        self.mean.copy_(states.mean(0))
+        self.std.copy_(states.std(0).clamp_min(1e-3))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return (states - self.mean) / self.std
+
+
+def gaussian_head(output: torch.Tensor):
+    """(mean, clamped log-std) from a network's output, in float32 even under bf16 autocast."""
+    mean, log_std = output.float().chunk(2, dim=-1)
+    return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+def gaussian_log_prob(x, mean, log_std):
+    """log N(x; mean, diag(exp(log_std))^2), summed over the last dimension."""
+    return (-0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+# --- end shared ---
+
+
+# --- shared: encoder ---
+class Encoder(nn.Module):
+    """q_φ(z|τ): an MLP embeds each (s_t, a_t), a bidirectional GRU reads the c embeddings, a Gaussian comes out.
+    `gru` builds the GRU: nn.GRU, or anything with its arguments, parameter names and (output, h_n) result."""
+
+    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200, gru_layers=4, gru=nn.GRU):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.embed = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU())
+        self.gru = gru(hidden_dim, hidden_dim, gru_layers, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden_dim, 2 * latent_dim)
+
+    def forward(self, states, actions):  # (B, c, obs_dim), (B, c, act_dim) -> mean, log_std of z: (B, latent_dim)
+        _, final_states = self.gru(self.embed(torch.cat([self.normalize(states), actions], -1)))
+        # the last layer's forward state after s_{c-1} and its backward state after s_0
+        return gaussian_head(self.head(torch.cat([final_states[-2], final_states[-1]], -1)))
+
+
+@torch.no_grad()
+def encode_windows(encoder, observations, actions, starts, c):
+    """z = μ_φ(τ), the posterior mean of the length-c window starting at each row of `starts` (OPAL's relabelling)."""
+    rows = starts[:, None] + torch.arange(c, device=starts.device)  # (N, c)
+    return torch.cat([encoder(observations[r], actions[r])[0] for r in rows.split(4096)])
+# --- end shared ---
+
+
+# --- shared: prior ---
+class Prior(nn.Module):
+    """ρ_ω(z|s_0): which primitives are plausible from the first state."""
+
+    def __init__(self, obs_dim, latent_dim, hidden_dim=200):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim, hidden_dim, 2 * latent_dim)
+
+    def forward(self, first_states):
+        return gaussian_head(self.net(self.normalize(first_states)))
+# --- end shared ---
+
+
+# --- shared: primitive_policy ---
+class PrimitivePolicy(nn.Module):
+    """π_θ(a|s,z): the decoder; one z drives c consecutive actions."""
+
+    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim + latent_dim, hidden_dim, 2 * act_dim)
+
+    def forward(self, states, latents):
+        return gaussian_head(self.net(torch.cat([self.normalize(states), latents], -1)))
+# --- end shared ---
+
+
+# --- shared: task_policy ---
+class TanhGaussianPolicy(nn.Module):
+    """SAC's squashed Gaussian, scaled into the box [low, high]."""
+
+    def __init__(self, obs_dim, act_dim, low, high, hidden_dim=256, layers=3):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim, hidden_dim, 2 * act_dim, layers)
+        self.register_buffer("center", (torch.as_tensor(high) + torch.as_tensor(low)).float() / 2)
+        self.register_buffer("half_range", (torch.as_tensor(high) - torch.as_tensor(low)).float() / 2)
+
+    def forward(self, states, deterministic=False):
+        """Returns (action, log-probability of it)."""
+        mean, log_std = gaussian_head(self.net(self.normalize(states)))
+        pre_tanh = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+        squashed = torch.tanh(pre_tanh)
+        log_prob = gaussian_log_prob(pre_tanh, mean, log_std)
+        log_prob = log_prob - (torch.log1p(-squashed.pow(2) + 1e-6) + self.half_range.log()).sum(-1)
+        return self.center + self.half_range * squashed, log_prob
+
+    def log_prob(self, states, actions):
+        """log π(a|s) of given actions inside the box (for behaviour cloning)."""
+        mean, log_std = gaussian_head(self.net(self.normalize(states)))
+        squashed = ((actions - self.center) / self.half_range).clamp(-0.999, 0.999)
+        pre_tanh = torch.atanh(squashed)
+        log_prob = gaussian_log_prob(pre_tanh, mean, log_std)
+        return log_prob - (torch.log1p(-squashed.pow(2) + 1e-6) + self.half_range.log()).sum(-1)
+# --- end shared ---
+
+
+# --- shared: critics ---
+class VectorizedLinear(nn.Module):
+    """`ensemble` independent linear layers applied as one batched matmul: (E, B, in) -> (E, B, out)."""
+
+    def __init__(self, in_dim, out_dim, ensemble):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(ensemble, 1, out_dim))
+        with torch.no_grad():  # each member starts like a fresh nn.Linear
+            for member in range(ensemble):
+                layer = nn.Linear(in_dim, out_dim)
+                self.weight[member].copy_(layer.weight.T)
+                self.bias[member, 0].copy_(layer.bias)
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class Critics(nn.Module):
+    """Twin (or more) Q(s, a) networks evaluated together; returns (ensemble, batch)."""
+
+    def __init__(self, obs_dim, act_dim, hidden_dim=256, layers=5, ensemble=2):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        widths = [obs_dim + act_dim] + [hidden_dim] * layers
+        blocks = []
+        for width_in, width_out in zip(widths[:-1], widths[1:]):
+            blocks += [VectorizedLinear(width_in, width_out, ensemble), nn.ReLU()]
+        self.net = nn.Sequential(*blocks, VectorizedLinear(hidden_dim, 1, ensemble))
+        self.ensemble = ensemble
+
+    def forward(self, states, actions):
+        x = torch.cat([self.normalize(states), actions], -1).unsqueeze(0).expand(self.ensemble, -1, -1)
+        *hidden, last = self.net
+        for layer in hidden:
+            x = layer(x)
+        with torch.autocast(x.device.type, enabled=False):  # Q in fp32: bf16 holds only even numbers in [256, 512)
+            return last(x.float()).squeeze(-1)
+# --- end shared ---
+
+
+class CQL:
+    """Conservative Q-learning (Kumar et al., 2020) over choices, as CORL runs it on antmaze: twin critics Q_1, Q_2
+    with Polyak-averaged targets Q̄_i, a tanh-Gaussian task policy π with a tuned entropy temperature α (SAC), and the
+    CQL(H) regulariser whose weight α' a Lagrange multiplier tunes. `update` is one gradient step of all of them; the
+    script and benchmarks/bench_speed.py both call it."""
+
+    def __init__(self, obs_dim, choice_low, choice_high, args, all_states, prior=None):
+        device, choice_dim = all_states.device, len(choice_low)
+        self.args, self.low, self.high, self.prior = args, choice_low, choice_high, prior
+        self.task_policy = TanhGaussianPolicy(obs_dim, choice_dim, choice_low, choice_high, args.hidden_dim,
+                                              args.policy_layers).to(device)
+        self.critics = Critics(obs_dim, choice_dim, args.hidden_dim, args.critic_layers).to(device)
+        for module in (self.task_policy, self.critics):
+            module.normalize.fit(all_states)
+        self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
+        if args.compile:  # in place: parameter names, and so checkpoints, stay those of the eager modules
+            for module in (self.task_policy, self.critics, self.target_critics):
+                module.compile()
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)  # entropy temperature α
+        self.log_alpha_prime = torch.zeros((), device=device, requires_grad=True)  # CQL weight multiplier α'
+        self.target_entropy = -float(choice_dim)
+        self.log_uniform_density = -(choice_high - choice_low).log().sum()  # log μ of the uniform proposal
+        self.optimizers = {
+            "policy_optimizer": torch.optim.Adam(self.task_policy.parameters(), lr=args.policy_lr, fused=True),
+            "critic_optimizer": torch.optim.Adam(self.critics.parameters(), lr=args.critic_lr, fused=True),
+            "alpha_optimizer": torch.optim.Adam([self.log_alpha], lr=args.policy_lr),
+            "alpha_prime_optimizer": torch.optim.Adam([self.log_alpha_prime], lr=args.critic_lr)}
+
+    def update(self, s, choice, reward, s_next, not_done, discount, imitate=False) -> dict:
+        """One gradient step on B transitions (s, c, R, s', 1 - done, γ_hl); returns the losses (0-d tensors)."""
+        args, n, B = self.args, self.args.cql_n_actions, len(s)
+        s_n, s_next_n = s.repeat_interleave(n, 0), s_next.repeat_interleave(n, 0)  # n copies of each: (B n, obs)
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            with torch.no_grad():  # y = R + γ_hl (1 - done) max_j min_i Q̄_i(s', c'_j),  c'_j ~ π(·|s')
+                if args.max_target_backup:
+                    next_q = self.target_critics(s_next_n, self.task_policy(s_next_n)[0]).min(0).values
+                    next_q = next_q.view(B, n).max(1).values  # (B,)
+                else:
+                    next_q = self.target_critics(s_next, self.task_policy(s_next)[0]).min(0).values
+                target = reward + not_done * discount * next_q
+            # CQL(H)'s proposal distributions μ, n samples of each per state: uniform on the box, π(·|s), π(·|s')
+            uniform = self.low + (self.high - self.low) * torch.rand(B * n, len(self.low), device=s.device)
+            with torch.no_grad():
+                from_policy, log_mu_policy = self.task_policy(s_n)
+                from_next, log_mu_next = self.task_policy(s_next_n)
+            q = self.critics(torch.cat([s, s_n, s_n, s_n]), torch.cat([choice, uniform, from_policy, from_next]))
+        q_data, q_uniform, q_policy, q_next = q.split([B, B * n, B * n, B * n], dim=1)  # (2, B), 3 x (2, B n)
+        td_loss = 0.5 * ((q_data - target) ** 2).mean(1).sum()  # Σ_i ½ E[(Q_i(s, c) - y)²]
+        # CQL(H) with importance sampling (Kumar et al. 2020, App. F): logsumexp_c Q(s, c) ≈ log Σ_j e^{Q(s,c_j) - log μ(c_j)}
+        weighted = torch.cat([(q_uniform - self.log_uniform_density).view(2, B, n),
+                              (q_policy - log_mu_policy).view(2, B, n), (q_next - log_mu_next).view(2, B, n)], -1)
+        gap = (torch.logsumexp(weighted, -1) - q_data).mean(1)  # (2,): E_s[logsumexp Q] - E_data[Q] per critic
+        if args.lagrange:  # α' rises while the gap exceeds the target and falls (to 0) below it
+            alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
+            cql_loss = (alpha_prime.detach() * args.cql_alpha * (gap - args.target_action_gap)).sum()
+            self.step("alpha_prime_optimizer",
+                      -(alpha_prime * args.cql_alpha * (gap.detach() - args.target_action_gap)).sum())
+        else:
+            alpha_prime = torch.ones((), device=s.device)
+            cql_loss = (args.cql_alpha * gap).sum()
+        self.step("critic_optimizer", td_loss + cql_loss)
+
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            new_choice, log_prob = self.task_policy(s)  # c̃ ~ π(·|s), reparameterised
+            alpha = self.log_alpha.exp().detach()
+            # SAC's actor: min E[α log π(c̃|s) - min_i Q_i(s, c̃)], or imitate the data's choice at first
+            value = self.task_policy.log_prob(s, choice) if imitate else self.critics(s, new_choice).min(0).values
+            policy_loss = (alpha * log_prob - value).mean()
+            if self.prior is not None:  # + λ KL(π(·|s) || ρ(·|s)), estimated with the same sample
+                policy_loss = policy_loss + args.prior_kl_weight * (
+                    log_prob - gaussian_log_prob(new_choice, *self.prior(s))).mean()
+        self.step("policy_optimizer", policy_loss)
+        self.step("alpha_optimizer", -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean())
+        with torch.no_grad():  # Q̄ ← τ Q + (1 - τ) Q̄
+            torch._foreach_lerp_(list(self.target_critics.parameters()), list(self.critics.parameters()), args.tau)
+        return {"td_loss": td_loss, "cql_loss": cql_loss, "cql_gap": gap.mean(), "policy_loss": policy_loss,
+                "q_data": q_data.mean(), "alpha": alpha, "alpha_prime": alpha_prime}
+
+    def step(self, optimizer_name: str, loss):
+        optimizer = self.optimizers[optimizer_name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"task_policy": self.task_policy.state_dict(), "critics": self.critics.state_dict(),
+                "target_critics": self.target_critics.state_dict(), "log_alpha": self.log_alpha.detach().clone(),
+                "log_alpha_prime": self.log_alpha_prime.detach().clone(),
+                **{name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}}
+
+    def load_state_dict(self, saved: dict):
+        for name in ("task_policy", "critics", "target_critics"):
+            getattr(self, name).load_state_dict(saved[name])
+        with torch.no_grad():
+            self.log_alpha.copy_(saved["log_alpha"])
+            self.log_alpha_prime.copy_(saved["log_alpha_prime"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(saved[name])
+
+
+# ======================================================================================================================
+# BOOKKEEPING: a first reading may skip to __main__. Datasets, checkpoints, run setup and logging, evaluation.
+# ======================================================================================================================
 # --- shared: datasets ---
 ENV_ALIASES = {
     "antmaze-medium-diverse": "D4RL/antmaze/medium-diverse-v1",
@@ -215,8 +573,10 @@ def flatten_observation(observation, layout: list) -> np.ndarray:
     if not layout:
         return np.asarray(observation, dtype=np.float32)
     return np.concatenate([np.asarray(observation[k], dtype=np.float32) for k in layout], axis=-1)
+# --- end shared ---
 
 
+# --- shared: offline_data ---
 def load_flat_dataset(dataset, layout: list, device) -> dict:
     """All episodes as flat tensors, T+1 rows per episode: row t holds s_t, a_t, r_t (a, r padded at t = T)."""
     columns = {"observations": [], "actions": [], "rewards": [], "terminations": [], "achieved_goal": [],
@@ -257,243 +617,6 @@ def window_starts(episode_lengths: torch.Tensor, c: int, stride: int = 1) -> tor
     first_of_episode = torch.cumsum(per_episode, 0) - per_episode
     rank = torch.arange(int(per_episode.sum())) - first_of_episode[episode]
     return offsets[episode] + rank * stride
-# --- end shared ---
-
-
-def relabel(starts, c, rewards, dones, gamma):
-    """High-level transitions of the windows starting at `starts` (Section 4.1 of the paper).
-
-    rewards[t], dones[t]: reward and termination of the low-level transition s_t -> s_{t+1} (rows as in the
-    flat dataset). Returns (discounted reward sums Σ_{t<k} γ^t r_t, done flags, next-state rows, k), where k is
-    c, or the step after the first termination inside the window: a window that reaches the goal ends there,
-    it is marked done and its backup does not bootstrap, so what follows in the data never counts.
-    """
-    rows = starts[:, None] + torch.arange(c, device=starts.device)  # (N, c)
-    window_dones = dones[rows] > 0
-    alive = torch.cumprod(torch.cat([torch.ones_like(window_dones[:, :1]), ~window_dones[:, :-1]], 1), 1)
-    discounts = gamma ** torch.arange(c, dtype=torch.float32, device=starts.device)
-    returns = (rewards[rows] * alive * discounts).sum(1)
-    done = window_dones.any(1)
-    steps = torch.where(done, window_dones.float().argmax(1) + 1, torch.full_like(starts, c))
-    return returns, done.float(), starts + steps, steps
-
-
-SUCCESS_RADIUS = 0.45  # gymnasium-robotics maze v4 success radius
-
-
-def task_rewards(data, eval_env):
-    """Per-step reward and termination of the *evaluation* task, as D4RL defines it.
-
-    Mazes: 1 when the next achieved_goal is within 0.45 of the evaluation goal cell's centre (Minari's maze
-    datasets store rewards for each episode's own random goal, so we relabel); reaching it ends the episode.
-    Kitchen and others: the dataset's rewards and terminations.
-    """
-    maze = getattr(eval_env.unwrapped, "maze", None)
-    if maze is None or "achieved_goal" not in data:
-        return data["rewards"], data["terminations"]
-    goal = torch.as_tensor(np.asarray(maze.unique_goal_locations[0]), dtype=torch.float32,
-                           device=data["rewards"].device)
-    reached = (data["achieved_goal"] - goal).norm(dim=-1) <= SUCCESS_RADIUS
-    rewards = torch.zeros_like(data["rewards"])
-    rewards[:-1] = reached[1:].float()  # r_t refers to s_{t+1}; the last row of each episode is padding
-    last_rows = torch.cumsum(data["episode_lengths"] + 1, 0) - 1
-    rewards[last_rows.to(rewards.device)] = 0.0
-    return rewards, rewards.clone()
-
-
-# --- shared: networks ---
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # clamp of every Gaussian's log-std (ours; keeps likelihoods finite)
-
-
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 2) -> nn.Sequential:
-    layers, width = [], in_dim
-    for _ in range(hidden_layers):
-        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
-        width = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(width, out_dim))
-
-
-class Normalizer(nn.Module):
-    """Standardises states with the dataset's mean and std (ours); stored in every state dict."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-
-    def fit(self, states: torch.Tensor):
-        self.mean.copy_(states.mean(0))
-        self.std.copy_(states.std(0).clamp_min(1e-3))
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return (states - self.mean) / self.std
-
-
-def gaussian_head(output: torch.Tensor):
-    """(mean, clamped log-std) from a network's output, in float32 even under bf16 autocast."""
-    mean, log_std = output.float().chunk(2, dim=-1)
-    return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-
-
-class BidirectionalGRU(nn.Module):
-    """nn.GRU(bidirectional=True) written out, with its parameter names and initialisation (checkpoints of either
-    load into the other). Per layer, the input projections of all c steps and both directions are one matmul; only
-    the recurrence is sequential, and its two directions advance together in one batched matmul per step. Eager,
-    it is within about 10 % of nn.GRU; under --compile its gate arithmetic fuses, which nn.GRU's kernel cannot."""
-
-    def __init__(self, input_dim, hidden_dim, num_layers):
-        super().__init__()
-        self.hidden_dim, self.num_layers = hidden_dim, num_layers
-        bound = hidden_dim ** -0.5  # nn.GRU's U(-1/sqrt(H), 1/sqrt(H)), drawn in nn.GRU's parameter order
-        for layer in range(num_layers):
-            in_dim = input_dim if layer == 0 else 2 * hidden_dim
-            for direction in ("", "_reverse"):
-                for name, shape in (("weight_ih", (3 * hidden_dim, in_dim)), ("weight_hh", (3 * hidden_dim, hidden_dim)),
-                                    ("bias_ih", (3 * hidden_dim,)), ("bias_hh", (3 * hidden_dim,))):
-                    parameter = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
-                    self.register_parameter(f"{name}_l{layer}{direction}", parameter)
-
-    def forward(self, inputs):  # (B, c, input_dim) -> (2, B, H): last layer's final forward and backward states
-        x = inputs.transpose(0, 1)  # time-major: (c, B, ·)
-        for layer in range(self.num_layers):
-            both = [getattr(self, f"{name}_l{layer}{direction}") for name in
-                    ("weight_ih", "bias_ih", "weight_hh", "bias_hh") for direction in ("", "_reverse")]
-            w_ih, b_ih = torch.cat(both[0:2]), torch.cat(both[2:4])
-            w_hh, b_hh = torch.stack(both[4:6]).transpose(1, 2), torch.stack(both[6:8]).unsqueeze(1)
-            forward_inputs, backward_inputs = F.linear(x, w_ih, b_ih).chunk(2, -1)  # W_i x_t + b_i, every t at once
-            inputs_by_step = torch.stack([forward_inputs, backward_inputs.flip(0)], 1)  # backward reads c-1 .. 0
-            h = x.new_zeros(2, x.shape[1], self.hidden_dim)
-            states = []
-            for input_r_z_n in inputs_by_step.unbind(0):  # (2, B, 3H) at one step, both directions
-                x_r, x_z, x_n = input_r_z_n.chunk(3, -1)
-                h_r, h_z, h_n = torch.baddbmm(b_hh, h, w_hh).chunk(3, -1)  # W_h h_{t-1} + b_h
-                reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
-                candidate = torch.tanh(x_n + reset * h_n)
-                h = candidate + update * (h - candidate)  # (1 - u) n + u h_{t-1}
-                states.append(h)
-            forward_states, backward_states = torch.stack(states).unbind(1)
-            x = torch.cat([forward_states, backward_states.flip(0)], -1)  # (c, B, 2H), in time order
-        return h
-
-
-class Encoder(nn.Module):
-    """q_φ(z|τ): an MLP embeds each (s_t, a_t), a bidirectional GRU reads the c embeddings, a Gaussian comes out."""
-
-    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200, gru_layers=4):
-        super().__init__()
-        self.normalize = Normalizer(obs_dim)
-        self.embed = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU())
-        self.gru = BidirectionalGRU(hidden_dim, hidden_dim, gru_layers)
-        self.head = nn.Linear(2 * hidden_dim, 2 * latent_dim)
-
-    def forward(self, states, actions):  # (B, c, obs_dim), (B, c, act_dim) -> mean, log_std of z
-        final_forward, final_backward = self.gru(self.embed(torch.cat([self.normalize(states), actions], -1)))
-        # the forward direction's state after s_{c-1} and the backward direction's after s_0
-        return gaussian_head(self.head(torch.cat([final_forward, final_backward], -1)))
-
-
-class Prior(nn.Module):
-    """ρ_ω(z|s_0): which primitives are plausible from the first state."""
-
-    def __init__(self, obs_dim, latent_dim, hidden_dim=200):
-        super().__init__()
-        self.normalize = Normalizer(obs_dim)
-        self.net = mlp(obs_dim, hidden_dim, 2 * latent_dim)
-
-    def forward(self, first_states):
-        return gaussian_head(self.net(self.normalize(first_states)))
-
-
-class PrimitivePolicy(nn.Module):
-    """π_θ(a|s,z): the decoder; one z drives c consecutive actions."""
-
-    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200):
-        super().__init__()
-        self.normalize = Normalizer(obs_dim)
-        self.net = mlp(obs_dim + latent_dim, hidden_dim, 2 * act_dim)
-
-    def forward(self, states, latents):
-        return gaussian_head(self.net(torch.cat([self.normalize(states), latents], -1)))
-
-
-def gaussian_log_prob(x, mean, log_std):
-    """log N(x; mean, diag(exp(log_std))^2), summed over the last dimension."""
-    return (-0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-
-def gaussian_kl(mean_q, log_std_q, mean_p, log_std_p):
-    """KL(N_q || N_p) of diagonal Gaussians, summed over the last dimension."""
-    var_q, var_p = (2 * log_std_q).exp(), (2 * log_std_p).exp()
-    return (log_std_p - log_std_q + (var_q + (mean_q - mean_p) ** 2) / (2 * var_p) - 0.5).sum(-1)
-# --- end shared ---
-
-
-# --- shared: actor_critic ---
-class VectorizedLinear(nn.Module):
-    """`ensemble` independent linear layers applied as one batched matmul: (E, B, in) -> (E, B, out)."""
-
-    def __init__(self, in_dim, out_dim, ensemble):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble, in_dim, out_dim))
-        self.bias = nn.Parameter(torch.empty(ensemble, 1, out_dim))
-        with torch.no_grad():  # each member starts like a fresh nn.Linear
-            for member in range(ensemble):
-                layer = nn.Linear(in_dim, out_dim)
-                self.weight[member].copy_(layer.weight.T)
-                self.bias[member, 0].copy_(layer.bias)
-
-    def forward(self, x):
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class Critics(nn.Module):
-    """Twin (or more) Q(s, a) networks evaluated together; returns (ensemble, batch)."""
-
-    def __init__(self, obs_dim, act_dim, hidden_dim=256, layers=5, ensemble=2):
-        super().__init__()
-        self.normalize = Normalizer(obs_dim)
-        widths = [obs_dim + act_dim] + [hidden_dim] * layers
-        blocks = []
-        for width_in, width_out in zip(widths[:-1], widths[1:]):
-            blocks += [VectorizedLinear(width_in, width_out, ensemble), nn.ReLU()]
-        self.net = nn.Sequential(*blocks, VectorizedLinear(hidden_dim, 1, ensemble))
-        self.ensemble = ensemble
-
-    def forward(self, states, actions):
-        x = torch.cat([self.normalize(states), actions], -1).unsqueeze(0).expand(self.ensemble, -1, -1)
-        *hidden, last = self.net
-        for layer in hidden:
-            x = layer(x)
-        with torch.autocast(x.device.type, enabled=False):  # Q in fp32: bf16 holds only even numbers in [256, 512)
-            return last(x.float()).squeeze(-1)
-
-
-class TanhGaussianPolicy(nn.Module):
-    """SAC's squashed Gaussian, scaled into the box [low, high]."""
-
-    def __init__(self, obs_dim, act_dim, low, high, hidden_dim=256, layers=3):
-        super().__init__()
-        self.normalize = Normalizer(obs_dim)
-        self.net = mlp(obs_dim, hidden_dim, 2 * act_dim, layers)
-        self.register_buffer("center", (torch.as_tensor(high) + torch.as_tensor(low)).float() / 2)
-        self.register_buffer("half_range", (torch.as_tensor(high) - torch.as_tensor(low)).float() / 2)
-
-    def forward(self, states, deterministic=False):
-        """Returns (action, log-probability of it)."""
-        mean, log_std = gaussian_head(self.net(self.normalize(states)))
-        pre_tanh = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
-        squashed = torch.tanh(pre_tanh)
-        log_prob = gaussian_log_prob(pre_tanh, mean, log_std)
-        log_prob = log_prob - (torch.log1p(-squashed.pow(2) + 1e-6) + self.half_range.log()).sum(-1)
-        return self.center + self.half_range * squashed, log_prob
-
-    def log_prob(self, states, actions):
-        """log π(a|s) of given actions inside the box (for behaviour cloning)."""
-        mean, log_std = gaussian_head(self.net(self.normalize(states)))
-        squashed = ((actions - self.center) / self.half_range).clamp(-0.999, 0.999)
-        pre_tanh = torch.atanh(squashed)
-        log_prob = gaussian_log_prob(pre_tanh, mean, log_std)
-        return log_prob - (torch.log1p(-squashed.pow(2) + 1e-6) + self.half_range.log()).sum(-1)
 # --- end shared ---
 
 
@@ -569,19 +692,24 @@ def resumed_args(args, script: str):
     return payload, saved, run_dir
 
 
-def non_finite_module(**modules) -> Optional[str]:
-    """Name of the first module with a NaN or inf parameter, or None: checked before every save."""
-    for name, module in modules.items():
-        if not all(torch.isfinite(p.detach()).all() for p in module.parameters()):
-            return name
-    return None
-
-
 def check_checkpoint(payload: dict, path, **expected):
     """Refuse a checkpoint whose fields differ from what this run expects, naming the first that differs."""
     for field, value in expected.items():
         if payload.get(field) != value:
             fail(f"{path} does not fit this run: its {field} is {payload.get(field)!r}, this run has {value!r}.")
+
+
+def load_upstream(path, script: str, allow_unfinished: bool, **expected) -> dict:
+    """The checkpoint of an earlier step of the pipeline (e.g. opal_vae.pt for opal_cql.py): refused if its run did
+    not finish (part of its training never ran) unless `allow_unfinished`, or if a field differs from `expected`."""
+    payload = load_checkpoint(path, script)
+    if not payload.get("finished") and not allow_unfinished:
+        run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+        fail(f"{path} is from a {script}.py run that did not finish: it stopped in its {payload.get('phase', 'training')} "
+             f"phase at step {payload.get('step')}, so the rest of its training never ran. Finish it with "
+             f"`python {script}.py --resume {run_dir}`, or pass --allow-unfinished to use it as it is.")
+    check_checkpoint(payload, path, **expected)
+    return payload
 # --- end shared ---
 
 
@@ -644,28 +772,78 @@ def stop_if_not_finite(values: dict, where: str, checkpoint_path: Path, writer):
             fail(f"{name} became {value} at {where}; stopped. The last good checkpoint is "
                  f"{checkpoint_path if checkpoint_path.exists() else 'not written yet (none was saved)'}. "
                  "Lower the learning rates or check the dataset.")
+
+
+def stop_if_not_finite_module(where: str, checkpoint_path: Path, writer, **modules):
+    """Called before every save: a module with a NaN or inf parameter stops the run instead of being written."""
+    for name, module in modules.items():
+        if not all(torch.isfinite(p.detach()).all() for p in module.parameters()):
+            stop_if_not_finite({f"a parameter of the {name}": math.nan}, where, checkpoint_path, writer)
+
+
+class Loop:
+    """One training phase's bookkeeping, so that the loop body holds only the algorithm: a progress bar; the losses
+    averaged between log lines, written under losses/ every --log-every steps with charts/SPS and kept in the run's
+    summary; a stop on NaN or inf; the checkpoint every --save-every steps and when Ctrl-C or SIGTERM arrives (then
+    exit code 130)."""
+
+    def __init__(self, phase, first, last, args, writer, summary, save, checkpoint_path, stop_requested, show=(),
+                 desc=None, prefix="", log_offset=0, optimizer=None):
+        self.phase, self.first, self.last, self.args, self.writer, self.summary = phase, first, last, args, writer, summary
+        self.save, self.checkpoint_path, self.stop_requested, self.show = save, checkpoint_path, stop_requested, show
+        self.desc, self.prefix, self.log_offset, self.optimizer = desc or phase, prefix, log_offset, optimizer
+        self.sums, self.logged_step = None, first - 1
+
+    def __iter__(self):
+        self.start_time = time.time()
+        self.progress = tqdm(range(self.first, self.last + 1), desc=self.desc, mininterval=2, initial=self.first - 1,
+                             total=self.last)
+        yield from self.progress
+        self.progress.close()
+
+    def end_of_step(self, step: int, losses: dict):
+        values = torch.stack([value.detach().float() for value in losses.values()])  # summed on the device: no sync
+        self.sums = values if self.sums is None else self.sums + values
+        save_now = step % self.args.save_every == 0 or bool(self.stop_requested)
+        if step % self.args.log_every == 0 or step == self.last or save_now:
+            means = dict(zip(losses, (self.sums / (step - self.logged_step)).tolist()))
+            self.sums, self.logged_step = None, step
+            stop_if_not_finite({f"losses/{k}": v for k, v in means.items()}, f"{self.phase} step {step}",
+                               self.checkpoint_path, self.writer)
+            sps = (step - self.first + 1) / (time.time() - self.start_time)
+            for name, value in means.items():
+                self.writer.add_scalar(f"losses/{name}", value, self.log_offset + step)
+            self.writer.add_scalar("charts/SPS", sps, self.log_offset + step)
+            if self.optimizer is not None:
+                self.writer.add_scalar("charts/learning_rate", self.optimizer.param_groups[0]["lr"], self.log_offset + step)
+            self.progress.set_postfix({**{name: f"{means[name]:.3f}" for name in self.show}, "sps": f"{sps:.0f}"})
+            self.summary.update(means, **{f"{self.prefix}steps": step, f"{self.prefix}sps": sps})
+        if save_now:
+            self.save(step)
+        if self.stop_requested:
+            print(f"stopped by signal at {self.phase} step {step}; checkpoint written to {self.checkpoint_path}")
+            sys.exit(130)
 # --- end shared ---
 
 
 # --- shared: evaluation ---
-def make_eval_envs(dataset, num_envs):
-    return gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True) for _ in range(num_envs)])
+def make_eval_envs(dataset, num_envs, **make_kwargs):
+    return gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True, **make_kwargs)] * num_envs)
 
 
 @torch.no_grad()
-def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act_low, act_high):
+def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act_low, act_high, frames=None):
     """Run `episodes` evaluation episodes; returns (success rate, mean undiscounted return, mean over episodes of
     the closest xy distance to the goal, NaN for environments without a goal position).
 
     Every c steps the task policy picks z (deterministically, tanh of its mean) in every environment, then the
     primitive policy's mean action, clipped to the action bounds, acts for c steps. Without primitives
     (primitive_policy None, c = 1) the task policy's action acts directly. An episode succeeds when any of
-    its steps reports success.
+    its steps reports success. `frames`, a list, receives the first environment's picture after every step.
     """
     device = next(task_policy.parameters()).device
     successes, returns, closest_distances = [], [], []
-    rounds = math.ceil(episodes / envs.num_envs)
-    for round_index in range(rounds):
+    for round_index in range(math.ceil(episodes / envs.num_envs)):
         obs, _ = envs.reset(seed=[seed + round_index * envs.num_envs + i for i in range(envs.num_envs)])
         running = np.ones(envs.num_envs, dtype=bool)
         success = np.zeros(envs.num_envs, dtype=bool)
@@ -675,11 +853,10 @@ def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act
             states = torch.as_tensor(flatten_observation(obs, layout), device=device)
             choice, _ = task_policy(states, deterministic=True)
             for _ in range(c):
-                if primitive_policy is None:
-                    action = choice
-                else:
-                    action, _ = primitive_policy(states, choice)
+                action = choice if primitive_policy is None else primitive_policy(states, choice)[0]
                 obs, reward, terminated, truncated, info = envs.step(np.clip(action.cpu().numpy(), act_low, act_high))
+                if frames is not None:
+                    frames.append(envs.render()[0])
                 episode_return += reward * running
                 success |= np.asarray(info.get("success", np.zeros(envs.num_envs, dtype=bool)), dtype=bool) & running
                 if isinstance(obs, dict) and isinstance(obs.get("achieved_goal"), np.ndarray):
@@ -696,6 +873,54 @@ def evaluate(envs, layout, task_policy, primitive_policy, c, episodes, seed, act
             float(np.mean(closest_distances[:episodes])))
 
 
+def normalized_score(dataset, eval_env, success_rate, mean_return):
+    """D4RL's normalised score: 100 x success rate for mazes; otherwise 100 x (return - ref min) / (ref max - ref
+    min) with the dataset's reference scores (kitchen: 0 and 4 tasks), NaN when the dataset has none."""
+    if hasattr(eval_env.unwrapped, "maze"):
+        return 100.0 * success_rate
+    try:
+        return 100.0 * float(minari.get_normalized_score(dataset, np.array([mean_return]))[0])
+    except ValueError:
+        return math.nan
+
+
+class Evaluator:
+    """Evaluation episodes of a task policy and its primitives in --num-envs copies of the dataset's evaluation env;
+    the success rate, return, normalised score and (mazes) closest approach to the goal are written under eval/ and
+    kept in the run's summary with the best score so far."""
+
+    def __init__(self, dataset, layout, c, num_envs, writer, summary):
+        self.dataset, self.layout, self.c, self.writer, self.summary = dataset, layout, c, writer, summary
+        self.envs, self.eval_env = make_eval_envs(dataset, num_envs), dataset.recover_environment(eval_env=True)
+        self.act_low, self.act_high = dataset.action_space.low, dataset.action_space.high
+
+    def __call__(self, task_policy, primitive_policy, step, episodes, seed):
+        success_rate, mean_return, goal_distance = evaluate(self.envs, self.layout, task_policy, primitive_policy,
+                                                            self.c, episodes, seed, self.act_low, self.act_high)
+        score = normalized_score(self.dataset, self.eval_env, success_rate, mean_return)
+        for name, value in (("success_rate", success_rate), ("return", mean_return), ("normalized_score", score)):
+            self.writer.add_scalar(f"eval/{name}", value, step)
+        if math.isfinite(goal_distance):  # mazes: how close the agent came to the goal, a signal below success
+            self.writer.add_scalar("eval/closest_goal_distance", goal_distance, step)
+        best = max(self.summary.get("best_normalized_score", -math.inf), score) if math.isfinite(score) else score
+        self.summary.update(last_normalized_score=score, best_normalized_score=best, last_success_rate=success_rate,
+                            last_closest_goal_distance=goal_distance)
+        tqdm.write(f"step {step}: normalized score {score:.1f} (success {success_rate:.2f}, return {mean_return:.2f}, "
+                   f"closest to goal {goal_distance:.2f}, {episodes} episodes); best so far {best:.1f}")
+
+    def video(self, task_policy, primitive_policy, seed, path):
+        """`path` (mp4) of one evaluation episode, acted as in evaluation (--capture-video)."""
+        import imageio
+        envs, frames = make_eval_envs(self.dataset, 1, render_mode="rgb_array"), []
+        evaluate(envs, self.layout, task_policy, primitive_policy, self.c, 1, seed, self.act_low, self.act_high, frames)
+        imageio.mimsave(path, frames, fps=30)
+        envs.close()
+
+    def close(self):
+        self.envs.close()
+# --- end shared ---
+
+
 def policies_from_checkpoint(payload: dict):
     """(task policy, primitive policy or None) rebuilt from an opal_cql.pt payload alone, no VAE file needed."""
     task_policy = TanhGaussianPolicy(payload["obs_dim"], payload["choice_dim"], torch.tensor(payload["choice_low"]),
@@ -710,51 +935,25 @@ def policies_from_checkpoint(payload: dict):
     return task_policy, primitive_policy
 
 
-def normalized_score(dataset, eval_env, success_rate, mean_return):
-    """D4RL's normalised score: 100 x success rate for mazes; otherwise 100 x (return - ref min) / (ref max - ref
-    min) with the dataset's reference scores (kitchen: 0 and 4 tasks), NaN when the dataset has none."""
-    if hasattr(eval_env.unwrapped, "maze"):
-        return 100.0 * success_rate
-    try:
-        return 100.0 * float(minari.get_normalized_score(dataset, np.array([mean_return]))[0])
-    except ValueError:
-        return math.nan
-# --- end shared ---
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     stop_requested = stop_signals()
-    resumed, resumed_dir = None, None
-    if args.resume:
-        resumed, args, resumed_dir = resumed_args(args, "opal_cql")
-    for name in ("total_steps", "batch_size", "hidden_dim", "policy_layers", "critic_layers", "cql_n_actions",
-                 "save_every", "log_every", "eval_every", "eval_episodes", "num_envs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    if args.policy_bc_steps < 0 or args.eval_episodes_during < 0 or (args.relabel_stride or 1) < 1:
-        fail("--policy-bc-steps, --eval-episodes-during and --relabel-stride cannot be negative or zero.")
-    if args.vae_ckpt:
-        args.vae_ckpt = str(Path(args.vae_ckpt).resolve())  # saved in opal_cql.pt; resuming elsewhere still finds it
-    if args.primitives == "opal" and not args.vae_ckpt:
-        fail("--primitives opal needs --vae-ckpt runs/<opal_vae run>/opal_vae.pt (train one with opal_vae.py), "
-             "or use --primitives none for plain CQL.")
+    resumed, args, resumed_dir = resumed_args(args, "opal_cql") if args.resume else (None, args, None)
 
+    # Setup: device, dataset, the budget's defaults (CORL's for D4RL data, a CPU's otherwise), the primitives
     if args.capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering without a display
     device = setup_torch(args.seed, args.device)
     args.bf16 = use_bf16(args.bf16, device)
     dataset_id = resolve_dataset_id(args.env, args.dataset_id)
-    # Budget and sizes: CORL's antmaze configuration for D4RL data; smaller ones that run on a CPU otherwise
     paper_scale = dataset_id.startswith("D4RL/")
     args.total_steps = args.total_steps or (1_000_000 if paper_scale else 15_000)
     args.hidden_dim = args.hidden_dim or (256 if paper_scale else 128)
     args.critic_layers = args.critic_layers or (5 if paper_scale else 3)
     args.eval_every = args.eval_every or max(1, args.total_steps // 6)
-    vae = None
-    if args.primitives == "opal":  # check the checkpoint before the (possibly long) dataset load
-        vae = load_checkpoint(args.vae_ckpt, "opal_vae")
-        check_checkpoint(vae, args.vae_ckpt, dataset_id=dataset_id)
+    vae = None  # checked before the (possibly long) dataset load
+    if args.primitives == "opal":
+        vae = load_upstream(args.vae_ckpt, "opal_vae", args.allow_unfinished, dataset_id=dataset_id)
     dataset = load_minari_dataset(dataset_id)
     layout = observation_layout(dataset)
     data = load_flat_dataset(dataset, layout, device)
@@ -763,248 +962,83 @@ if __name__ == "__main__":
     if vae is not None:
         check_checkpoint(vae, args.vae_ckpt, obs_layout=layout, obs_dim=obs_dim, act_dim=act_dim)
     c = vae["c"] if vae is not None else 1
-    eval_env = dataset.recover_environment(eval_env=True)
 
-    # Relabel: high-level transitions (s_0, z, Σ γ^t r'_t, s_k, done) over windows inside one episode
-    rewards, dones = task_rewards(data, eval_env)
-    shaped = args.reward_scale * rewards + args.reward_bias
+    # OPAL §4.1: relabel into high-level transitions (s_0, z, R = Σ γ^t r'_t, s_k, done), windows inside one episode
+    rewards, dones = task_rewards(data, dataset.recover_environment(eval_env=True))
     starts = window_starts(data["episode_lengths"], c, stride=args.relabel_stride or c).to(device)
     if len(starts) == 0:
         fail(f"every episode of {dataset_id} is shorter than c = {c} steps; there are no windows to relabel.")
-    returns, done, next_rows, steps = relabel(starts, c, shaped, dones, args.gamma)
+    returns, done, next_rows, steps = relabel(starts, c, args.reward_scale * rewards + args.reward_bias, dones,
+                                              args.gamma)
+    states, next_states = data["observations"][starts], data["observations"][next_rows]
+    # the backup's discount γ_hl: γ per decision, or γ^k for a window of k steps
+    discounts = args.gamma ** (steps.float() if args.high_level_discount == "window" else torch.ones_like(returns))
     primitive_policy, prior = None, None
-    if vae is not None:
+    if vae is None:  # plain CQL: the choice is the dataset's action, the box the action bounds
+        choice_low = torch.as_tensor(act_low, dtype=torch.float32, device=device)
+        choice_high = torch.as_tensor(act_high, dtype=torch.float32, device=device)
+        choices = data["actions"][starts].clamp(choice_low, choice_high)
+    else:  # CQL+OPAL: the choice is z = μ_φ(τ); the primitive policy stays fixed while the task policy learns
         encoder = Encoder(obs_dim, act_dim, vae["latent_dim"], vae["hidden_dim"], vae["gru_layers"]).to(device)
         encoder.load_state_dict(vae["encoder"])
+        choices = encode_windows(encoder, data["observations"], data["actions"], starts, c)
+        choice_low, choice_high = latent_box(choices, args.latent_bound, args.latent_bound_std, args.latent_margin)
         primitive_policy = PrimitivePolicy(obs_dim, act_dim, vae["latent_dim"], vae["hidden_dim"]).to(device)
         primitive_policy.load_state_dict(vae["primitive_policy"])
-        primitive_policy.requires_grad_(False)  # the primitives stay fixed while the task policy learns
-        with torch.no_grad():
-            rows = starts[:, None] + torch.arange(c, device=device)
-            choices = torch.cat([encoder(data["observations"][r], data["actions"][r])[0] for r in rows.split(4096)])
-        if args.latent_bound == "minmax":
-            low, high = choices.min(0).values, choices.max(0).values
-        else:
-            low = choices.mean(0) - args.latent_bound_std * choices.std(0)
-            high = choices.mean(0) + args.latent_bound_std * choices.std(0)
-        margin = args.latent_margin * (high - low)
-        choice_low, choice_high = low - margin, high + margin  # the latent box covers the relabelled latents
-        del encoder
+        primitive_policy.requires_grad_(False)
         if args.prior_kl_weight > 0:
             prior = Prior(obs_dim, vae["latent_dim"], vae["hidden_dim"]).to(device)
             prior.load_state_dict(vae["prior"])
             prior.requires_grad_(False)
-    else:
-        choices = data["actions"][starts]
-        choice_low = torch.as_tensor(act_low, dtype=torch.float32, device=device)
-        choice_high = torch.as_tensor(act_high, dtype=torch.float32, device=device)
-        choices = choices.clamp(choice_low, choice_high)
-    states, next_states = data["observations"][starts], data["observations"][next_rows]
-    # the high-level Bellman backup: γ per decision, or γ^k for a window of k steps
-    discounts = args.gamma ** (steps.float() if args.high_level_discount == "window" else torch.ones_like(returns))
-    choice_dim = choices.shape[1]
 
     config = {**asdict(args), "dataset_id": dataset_id, "c": c, "transitions": len(starts),
-              "successful_windows": int(done.sum()),
-              "choice_low": choice_low.tolist(), "choice_high": choice_high.tolist()}
+              "successful_windows": int(done.sum()), "choice_low": choice_low.tolist(),
+              "choice_high": choice_high.tolist()}
     run_dir, writer = open_run(args, config, resumed_dir)
     print(f"{dataset_id}: {len(starts)} {'high-level' if c > 1 else 'low-level'} transitions (c = {c}), "
           f"{int(done.sum())} of them reach the goal; {args.total_steps} CQL steps; run dir {run_dir}")
-
-    task_policy = TanhGaussianPolicy(obs_dim, choice_dim, choice_low, choice_high, args.hidden_dim,
-                                     args.policy_layers).to(device)
-    critics = Critics(obs_dim, choice_dim, args.hidden_dim, args.critic_layers).to(device)
-    for module in (task_policy, critics):
-        module.normalize.fit(data["observations"])
-    target_critics = copy.deepcopy(critics).requires_grad_(False)
-    if args.compile:  # in place: parameter names, and so checkpoints, stay those of the eager modules
-        for module in (task_policy, critics, target_critics):
-            module.compile()
-    log_alpha = torch.zeros((), device=device, requires_grad=True)  # entropy temperature, tuned (SAC)
-    log_alpha_prime = torch.zeros((), device=device, requires_grad=True)  # CQL weight multiplier (Lagrange)
-    target_entropy = -float(choice_dim)
-    policy_optimizer = torch.optim.Adam(task_policy.parameters(), lr=args.policy_lr, fused=True)
-    critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_lr, fused=True)
-    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.policy_lr)
-    alpha_prime_optimizer = torch.optim.Adam([log_alpha_prime], lr=args.critic_lr)
+    agent = CQL(obs_dim, choice_low, choice_high, args, data["observations"], prior)
     sampler = torch.Generator(device=device).manual_seed(args.seed)
-    uniform_log_density = -(choice_high - choice_low).log().sum()
-    n, batch_size = args.cql_n_actions, args.batch_size
-
-    checkpoint_path = run_dir / "opal_cql.pt"
-    summary, first_step = {}, 1
-    optimizers = {"policy_optimizer": policy_optimizer, "critic_optimizer": critic_optimizer,
-                  "alpha_optimizer": alpha_optimizer, "alpha_prime_optimizer": alpha_prime_optimizer}
+    checkpoint_path, summary, first_step = run_dir / "opal_cql.pt", {}, 1
     if resumed is not None:  # networks, optimisers, temperatures, step counter and random number generators
-        task_policy.load_state_dict(resumed["task_policy"])
-        critics.load_state_dict(resumed["critics"])
-        target_critics.load_state_dict(resumed["target_critics"])
-        with torch.no_grad():
-            log_alpha.copy_(resumed["log_alpha"])
-            log_alpha_prime.copy_(resumed["log_alpha_prime"])
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(resumed[name])
+        agent.load_state_dict(resumed)
         torch.set_rng_state(resumed["rng"]["torch"])
         sampler.set_state(resumed["rng"]["sampler"])
         summary, first_step = dict(resumed["summary"]), resumed["step"] + 1
 
     def checkpoint(step: int, finished: bool = False):
-        broken = non_finite_module(task_policy=task_policy, critics=critics)
-        if broken:
-            stop_if_not_finite({f"a parameter of the {broken}": math.nan}, f"CQL step {step}", checkpoint_path, writer)
+        stop_if_not_finite_module(f"CQL step {step}", checkpoint_path, writer, task_policy=agent.task_policy,
+                                  critics=agent.critics)
         save_checkpoint(checkpoint_path, {
             "script": "opal_cql", "args": asdict(args), "seed": args.seed, "dataset_id": dataset_id,
             "env_id": dataset.env_spec.id if dataset.env_spec is not None else None, "obs_layout": layout,
             "obs_dim": obs_dim, "act_dim": act_dim, "act_low": act_low.tolist(), "act_high": act_high.tolist(),
-            "primitives": args.primitives, "c": c, "choice_dim": choice_dim,
-            "choice_low": choice_low.tolist(), "choice_high": choice_high.tolist(),
-            "vae_ckpt": str(args.vae_ckpt) if vae is not None else None,
+            "primitives": args.primitives, "c": c, "choice_dim": len(choice_low), "choice_low": choice_low.tolist(),
+            "choice_high": choice_high.tolist(), "vae_ckpt": args.vae_ckpt if vae is not None else None,
             "latent_dim": vae["latent_dim"] if vae is not None else None,
             "hidden_dim": vae["hidden_dim"] if vae is not None else None,
             "primitive_policy": primitive_policy.state_dict() if vae is not None else None,
-            "task_policy": task_policy.state_dict(), "critics": critics.state_dict(),
-            "target_critics": target_critics.state_dict(), "policy_hidden_dim": args.hidden_dim,
-            "policy_layers": args.policy_layers, "step": step, "finished": finished, "summary": dict(summary),
-            "log_alpha": log_alpha.detach().clone(), "log_alpha_prime": log_alpha_prime.detach().clone(),
-            **{name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-            "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()},
-        })
+            "policy_hidden_dim": args.hidden_dim, "policy_layers": args.policy_layers, **agent.state_dict(),
+            "step": step, "finished": finished, "summary": dict(summary),
+            "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}})
 
-    envs = make_eval_envs(dataset, args.num_envs)
-
-    def run_evaluation(step, episodes, seed_offset):
-        success_rate, mean_return, goal_distance = evaluate(envs, layout, task_policy, primitive_policy, c, episodes,
-                                                            args.seed + seed_offset, act_low, act_high)
-        score = normalized_score(dataset, eval_env, success_rate, mean_return)
-        writer.add_scalar("eval/success_rate", success_rate, step)
-        writer.add_scalar("eval/return", mean_return, step)
-        writer.add_scalar("eval/normalized_score", score, step)
-        if math.isfinite(goal_distance):  # mazes: how close the agent came to the goal, a signal below success
-            writer.add_scalar("eval/closest_goal_distance", goal_distance, step)
-        best = max(summary.get("best_normalized_score", -math.inf), score) if math.isfinite(score) else score
-        summary.update(last_normalized_score=score, best_normalized_score=best, last_success_rate=success_rate,
-                       last_closest_goal_distance=goal_distance)
-        tqdm.write(f"step {step}: normalized score {score:.1f} (success {success_rate:.2f}, return {mean_return:.2f}, "
-                   f"closest to goal {goal_distance:.2f}, {episodes} episodes); best so far {best:.1f}")
-
-    start_time = time.time()
-    progress = tqdm(range(first_step, args.total_steps + 1), desc=f"CQL ({args.primitives})", mininterval=2,
-                    initial=first_step - 1, total=args.total_steps)
-    for step in progress:
-        batch = torch.randint(len(starts), (batch_size,), device=device, generator=sampler)
-        s, choice, reward, s_next = states[batch], choices[batch], returns[batch], next_states[batch]
-        not_done, discount = 1 - done[batch], discounts[batch]
-
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            # Critic targets: max over n sampled next choices of the min over the target critics
-            with torch.no_grad():
-                if args.max_target_backup:
-                    next_choice, _ = task_policy(s_next.repeat_interleave(n, 0))
-                    next_q = target_critics(s_next.repeat_interleave(n, 0), next_choice).min(0).values
-                    next_q = next_q.view(-1, n).max(1).values
-                else:
-                    next_choice, _ = task_policy(s_next)
-                    next_q = target_critics(s_next, next_choice).min(0).values
-                target_q = reward + not_done * discount * next_q.float()
-
-            # CQL's proposals at s: uniform on the box, π(·|s) and π(·|s'), n of each
-            s_rep = s.repeat_interleave(n, 0)
-            random_choice = choice_low + (choice_high - choice_low) * torch.rand(len(s_rep), choice_dim, device=device)
-            with torch.no_grad():
-                policy_choice, policy_log_prob = task_policy(s_rep)
-                next_policy_choice, next_policy_log_prob = task_policy(s_next.repeat_interleave(n, 0))
-            # one critic call for the data's choice and all 3n proposals
-            q_all = critics(torch.cat([s, s_rep, s_rep, s_rep]),
-                            torch.cat([choice, random_choice, policy_choice, next_policy_choice])).float()
-        q_data = q_all[:, :batch_size]  # (2, B)
-        td_loss = 0.5 * ((q_data - target_q) ** 2).mean(1).sum()
-        # importance sampling: subtract the log density of each proposal, then logsumexp over all 3n of them
-        proposal_log_density = torch.stack([uniform_log_density.expand(len(s_rep)), policy_log_prob.float(),
-                                            next_policy_log_prob.float()]).view(1, 3, batch_size, n)
-        sampled_q = (q_all[:, batch_size:].view(2, 3, batch_size, n) - proposal_log_density)
-        sampled_q = sampled_q.permute(0, 2, 1, 3).reshape(2, batch_size, 3 * n)
-        cql_gap = (torch.logsumexp(sampled_q, -1) - q_data).mean(1)  # (2,): E[logsumexp Q] - E_data[Q]
-        if args.lagrange:  # α' grows while the gap exceeds the target, shrinks (to 0) below it
-            alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
-            cql_loss = (alpha_prime.detach() * args.cql_alpha * (cql_gap - args.target_action_gap)).sum()
-            alpha_prime_loss = -(alpha_prime * args.cql_alpha * (cql_gap.detach() - args.target_action_gap)).sum()
-            alpha_prime_optimizer.zero_grad(set_to_none=True)
-            alpha_prime_loss.backward()
-            alpha_prime_optimizer.step()
-        else:
-            alpha_prime = torch.ones((), device=device)
-            cql_loss = (args.cql_alpha * cql_gap).sum()
-        critic_loss = td_loss + cql_loss
-        critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        critic_optimizer.step()
-
-        # Task policy (SAC actor with tuned entropy), or behaviour cloning of the data's choices at first
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            new_choice, log_prob = task_policy(s)
-            alpha = log_alpha.exp().detach()
-            if step <= args.policy_bc_steps:
-                policy_loss = (alpha * log_prob - task_policy.log_prob(s, choice)).float().mean()
-            else:
-                policy_loss = (alpha * log_prob - critics(s, new_choice).min(0).values).float().mean()
-            if prior is not None:  # KL(π(z|s) || ρ(z|s)), one-sample estimate
-                policy_loss = policy_loss + args.prior_kl_weight * (
-                    log_prob - gaussian_log_prob(new_choice, *prior(s))).mean()
-        policy_optimizer.zero_grad(set_to_none=True)
-        policy_loss.backward()
-        policy_optimizer.step()
-        alpha_loss = -(log_alpha * (log_prob.detach().float() + target_entropy)).mean()
-        alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        alpha_optimizer.step()
-
-        with torch.no_grad():  # Polyak averaging of the target critics
-            torch._foreach_lerp_(list(target_critics.parameters()), list(critics.parameters()), args.tau)
-
-        save_now = step % args.save_every == 0 or bool(stop_requested)
-        if step % args.log_every == 0 or step == args.total_steps or save_now:
-            values = {"losses/td_loss": td_loss.item(), "losses/cql_loss": cql_loss.item(),
-                      "losses/cql_gap": cql_gap.mean().item(), "losses/policy_loss": policy_loss.item(),
-                      "losses/q_data": q_data.mean().item(), "losses/alpha": alpha.item(),
-                      "losses/alpha_prime": alpha_prime.item()}
-            stop_if_not_finite(values, f"CQL step {step}", checkpoint_path, writer)
-            sps = (step - first_step + 1) / (time.time() - start_time)
-            for key, value in values.items():
-                writer.add_scalar(key, value, step)
-            writer.add_scalar("charts/SPS", sps, step)
-            progress.set_postfix(q=f"{values['losses/q_data']:.1f}", gap=f"{values['losses/cql_gap']:.2f}",
-                                 sps=f"{sps:.0f}")
-            summary.update(td_loss=values["losses/td_loss"], q_data=values["losses/q_data"], steps=step, sps=sps)
-        if save_now:
-            checkpoint(step)
-        if stop_requested:
-            print(f"stopped by signal at CQL step {step}; checkpoint written to {checkpoint_path}")
-            sys.exit(130)
+    # CQL on the relabelled transitions, evaluating the task policy with its primitives every --eval-every steps
+    evaluator = Evaluator(dataset, layout, c, args.num_envs, writer, summary)
+    loop = Loop("CQL", first_step, args.total_steps, args, writer, summary, checkpoint, checkpoint_path,
+                stop_requested, show=("q_data", "cql_gap"), desc=f"CQL ({args.primitives})")
+    for step in loop:
+        batch = torch.randint(len(starts), (args.batch_size,), device=device, generator=sampler)
+        losses = agent.update(states[batch], choices[batch], returns[batch], next_states[batch], 1 - done[batch],
+                              discounts[batch], imitate=step <= args.policy_bc_steps)
+        loop.end_of_step(step, losses)
         if step % args.eval_every == 0 and step < args.total_steps and args.eval_episodes_during > 0:
-            run_evaluation(step, args.eval_episodes_during, 10_000 + step)
-    progress.close()
+            evaluator(agent.task_policy, primitive_policy, step, args.eval_episodes_during, args.seed + 10_000 + step)
 
-    run_evaluation(args.total_steps, args.eval_episodes, 10_000)
+    evaluator(agent.task_policy, primitive_policy, args.total_steps, args.eval_episodes, args.seed + 10_000)
     checkpoint(args.total_steps, finished=True)
     if args.capture_video:
-        import imageio
-        video_env = gym.make(eval_env.spec, render_mode="rgb_array")
-        frames, (obs, _) = [], video_env.reset(seed=args.seed + 10_000)
-        done_video = False
-        while not done_video:
-            state = torch.as_tensor(flatten_observation(obs, layout), device=device)[None]
-            choice, _ = task_policy(state, deterministic=True)
-            for _ in range(c):
-                action = choice if primitive_policy is None else primitive_policy(state, choice)[0]
-                action = np.clip(action[0].detach().cpu().numpy(), act_low, act_high)
-                obs, _, terminated, truncated, _ = video_env.step(action)
-                frames.append(video_env.render())
-                state = torch.as_tensor(flatten_observation(obs, layout), device=device)[None]
-                done_video = terminated or truncated
-                if done_video:
-                    break
-        imageio.mimsave(run_dir / "eval.mp4", frames, fps=30)
+        evaluator.video(agent.task_policy, primitive_policy, args.seed + 10_000, run_dir / "eval.mp4")
     print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     print(f"checkpoint: {checkpoint_path}")
-    envs.close()
+    evaluator.close()
     writer.close()

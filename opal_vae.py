@@ -1,9 +1,8 @@
 """OPAL, step 1: learn a latent space of temporally extended primitives from undirected offline data.
 
-A β-VAE reads length-c sub-trajectories τ = (s_0, a_0, ..., s_{c-1}, a_{c-1}) of the dataset. Its encoder
-q_φ(z|τ) compresses τ into a latent z, its decoder, the primitive policy π_θ(a|s,z), must reproduce every
-action of τ from z, and a prior ρ_ω(z|s_0) must predict z from the first state alone (Ajay et al., ICLR 2021,
-Eq. (1)-(2)):
+A β-VAE reads length-c sub-trajectories τ = (s_0, a_0, ..., s_{c-1}, a_{c-1}) of the dataset. Its encoder q_φ(z|τ)
+compresses τ into a latent z, its decoder, the primitive policy π_θ(a|s,z), must reproduce every action of τ from z,
+and a prior ρ_ω(z|s_0) must predict z from the first state alone (Ajay et al., ICLR 2021, Eq. (1)-(2)):
     max  E_τ E_{z~q(z|τ)} [ Σ_{t<c} log π_θ(a_t|s_t,z) ]  -  β · KL( q_φ(z|τ) || ρ_ω(z|s_0) )
 Then, as the paper does before using the primitives, the encoder's posterior mean relabels each window and the
 primitive policy is fine-tuned by behaviour cloning on (s_t, a_t, z).
@@ -13,6 +12,10 @@ Run:    python opal_vae.py                                   # pointmaze-large, 
 Reads:  a Minari dataset (--env alias or --dataset-id)
 Writes: runs/opal_vae__<env>__<seed>__<time>/  opal_vae.pt (the checkpoint every other OPAL script loads),
         primitives.png, TensorBoard events, config.json
+
+Reading order: `Args`; then ALGORITHM: the networks q_φ, ρ_ω, π_θ and the two losses; then `__main__` at the bottom
+(setup → β-VAE → relabel and BC fine-tuning → evaluation). The BOOKKEEPING section between them (datasets,
+checkpoints, logging, the written-out GRU, the closed-loop check and the picture) can be skipped on a first reading.
 """
 
 import json
@@ -27,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import farama_notifications
 import gymnasium as gym
-import gymnasium_robotics
 import minari
 import numpy as np
 import torch
@@ -38,7 +41,15 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+# --- shared: quiet_robotics_import ---
+# gymnasium-robotics prints a notice about its Adroit reward functions on import; no OPAL script uses Adroit
+ROBOTICS_NOTICES = farama_notifications.notifications.get("gymnasium_robotics", {})
+for version in [version for version, notice in ROBOTICS_NOTICES.items() if notice.startswith("AdroitHand")]:
+    del ROBOTICS_NOTICES[version]
+import gymnasium_robotics  # noqa: E402
+
 gym.register_envs(gymnasium_robotics)
+# --- end shared ---
 
 
 @dataclass
@@ -98,7 +109,144 @@ class Args:
     picture_latents: int = 8
     """latents drawn from the prior per start state in primitives.png"""
 
+    def __post_init__(self):
+        for name in ("c", "latent_dim", "batch_size", "hidden_dim", "gru_layers", "save_every", "log_every", "num_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.bc_steps is not None and self.bc_steps < 0:
+            fail(f"--bc-steps must be at least 0, got {self.bc_steps}.")
+        if not (self.learning_rate > 0 and self.beta >= 0):
+            fail("--learning-rate must be positive and --beta non-negative.")
 
+
+# ======================================================================================================================
+# ALGORITHM: what to study. The three networks (shared word for word with the other scripts) and the two losses.
+# ======================================================================================================================
+# --- shared: networks ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # clamp of every Gaussian's log-std (ours; keeps likelihoods finite)
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 2) -> nn.Sequential:
+    layers, width = [], in_dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+        width = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+class Normalizer(nn.Module):
+    """Standardises states with the dataset's mean and std (ours); stored in every state dict."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, states: torch.Tensor):
+        self.mean.copy_(states.mean(0))
+        self.std.copy_(states.std(0).clamp_min(1e-3))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return (states - self.mean) / self.std
+
+
+def gaussian_head(output: torch.Tensor):
+    """(mean, clamped log-std) from a network's output, in float32 even under bf16 autocast."""
+    mean, log_std = output.float().chunk(2, dim=-1)
+    return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+def gaussian_log_prob(x, mean, log_std):
+    """log N(x; mean, diag(exp(log_std))^2), summed over the last dimension."""
+    return (-0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+# --- end shared ---
+
+
+# --- shared: encoder ---
+class Encoder(nn.Module):
+    """q_φ(z|τ): an MLP embeds each (s_t, a_t), a bidirectional GRU reads the c embeddings, a Gaussian comes out.
+    `gru` builds the GRU: nn.GRU, or anything with its arguments, parameter names and (output, h_n) result."""
+
+    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200, gru_layers=4, gru=nn.GRU):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.embed = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU())
+        self.gru = gru(hidden_dim, hidden_dim, gru_layers, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden_dim, 2 * latent_dim)
+
+    def forward(self, states, actions):  # (B, c, obs_dim), (B, c, act_dim) -> mean, log_std of z: (B, latent_dim)
+        _, final_states = self.gru(self.embed(torch.cat([self.normalize(states), actions], -1)))
+        # the last layer's forward state after s_{c-1} and its backward state after s_0
+        return gaussian_head(self.head(torch.cat([final_states[-2], final_states[-1]], -1)))
+
+
+@torch.no_grad()
+def encode_windows(encoder, observations, actions, starts, c):
+    """z = μ_φ(τ), the posterior mean of the length-c window starting at each row of `starts` (OPAL's relabelling)."""
+    rows = starts[:, None] + torch.arange(c, device=starts.device)  # (N, c)
+    return torch.cat([encoder(observations[r], actions[r])[0] for r in rows.split(4096)])
+# --- end shared ---
+
+
+# --- shared: prior ---
+class Prior(nn.Module):
+    """ρ_ω(z|s_0): which primitives are plausible from the first state."""
+
+    def __init__(self, obs_dim, latent_dim, hidden_dim=200):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim, hidden_dim, 2 * latent_dim)
+
+    def forward(self, first_states):
+        return gaussian_head(self.net(self.normalize(first_states)))
+# --- end shared ---
+
+
+# --- shared: primitive_policy ---
+class PrimitivePolicy(nn.Module):
+    """π_θ(a|s,z): the decoder; one z drives c consecutive actions."""
+
+    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim + latent_dim, hidden_dim, 2 * act_dim)
+
+    def forward(self, states, latents):
+        return gaussian_head(self.net(torch.cat([self.normalize(states), latents], -1)))
+# --- end shared ---
+
+
+def gaussian_kl(mean_q, log_std_q, mean_p, log_std_p):
+    """KL(N_q || N_p) of diagonal Gaussians, summed over the last dimension."""
+    var_q, var_p = (2 * log_std_q).exp(), (2 * log_std_p).exp()
+    return (log_std_p - log_std_q + (var_q + (mean_q - mean_p) ** 2) / (2 * var_p) - 0.5).sum(-1)
+
+
+def beta_vae_loss(encoder, prior, primitive_policy, states, actions, beta, noise=None):
+    """Eq. (1) of the paper, negated and averaged over a batch of windows; returns (loss, nll, kl).
+
+    states, actions: (B, c, ·). noise: the reparameterisation ε ~ N(0, I) of shape (B, latent_dim).
+    """
+    mean_q, log_std_q = encoder(states, actions)
+    noise = torch.randn_like(mean_q) if noise is None else noise
+    latents = mean_q + log_std_q.exp() * noise  # z ~ q(z|τ), reparameterised
+    mean_a, log_std_a = primitive_policy(states, latents.unsqueeze(1).expand(-1, states.shape[1], -1))
+    reconstruction_nll = -gaussian_log_prob(actions, mean_a, log_std_a).sum(1)  # -Σ_{t<c} log π(a_t|s_t,z)
+    kl = gaussian_kl(mean_q, log_std_q, *prior(states[:, 0]))  # KL(q(z|τ) || ρ(z|s_0))
+    return (reconstruction_nll + beta * kl).mean(), reconstruction_nll.mean(), kl.mean()
+
+
+def primitive_bc_loss(primitive_policy, states, actions, latents):
+    """BC fine-tuning of the primitive policy on relabelled windows: -Σ_{t<c} log π_θ(a_t|s_t,z), z = μ_φ(τ) fixed,
+    averaged over the batch. states, actions: (B, c, ·); latents: (B, latent_dim)."""
+    mean_a, log_std_a = primitive_policy(states, latents.unsqueeze(1).expand(-1, states.shape[1], -1))
+    return -gaussian_log_prob(actions, mean_a, log_std_a).sum(1).mean()
+
+
+# ======================================================================================================================
+# BOOKKEEPING: a first reading may skip to __main__. Datasets, checkpoints, run setup and logging, the GRU written out
+# for speed, and the evaluation of the primitives (a closed-loop check and a picture).
+# ======================================================================================================================
 # --- shared: datasets ---
 ENV_ALIASES = {
     "antmaze-medium-diverse": "D4RL/antmaze/medium-diverse-v1",
@@ -177,8 +325,10 @@ def flatten_observation(observation, layout: list) -> np.ndarray:
     if not layout:
         return np.asarray(observation, dtype=np.float32)
     return np.concatenate([np.asarray(observation[k], dtype=np.float32) for k in layout], axis=-1)
+# --- end shared ---
 
 
+# --- shared: offline_data ---
 def load_flat_dataset(dataset, layout: list, device) -> dict:
     """All episodes as flat tensors, T+1 rows per episode: row t holds s_t, a_t, r_t (a, r padded at t = T)."""
     columns = {"observations": [], "actions": [], "rewards": [], "terminations": [], "achieved_goal": [],
@@ -220,147 +370,6 @@ def window_starts(episode_lengths: torch.Tensor, c: int, stride: int = 1) -> tor
     rank = torch.arange(int(per_episode.sum())) - first_of_episode[episode]
     return offsets[episode] + rank * stride
 # --- end shared ---
-
-
-# --- shared: networks ---
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # clamp of every Gaussian's log-std (ours; keeps likelihoods finite)
-
-
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 2) -> nn.Sequential:
-    layers, width = [], in_dim
-    for _ in range(hidden_layers):
-        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
-        width = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(width, out_dim))
-
-
-class Normalizer(nn.Module):
-    """Standardises states with the dataset's mean and std (ours); stored in every state dict."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-
-    def fit(self, states: torch.Tensor):
-        self.mean.copy_(states.mean(0))
-        self.std.copy_(states.std(0).clamp_min(1e-3))
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        return (states - self.mean) / self.std
-
-
-def gaussian_head(output: torch.Tensor):
-    """(mean, clamped log-std) from a network's output, in float32 even under bf16 autocast."""
-    mean, log_std = output.float().chunk(2, dim=-1)
-    return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-
-
-class BidirectionalGRU(nn.Module):
-    """nn.GRU(bidirectional=True) written out, with its parameter names and initialisation (checkpoints of either
-    load into the other). Per layer, the input projections of all c steps and both directions are one matmul; only
-    the recurrence is sequential, and its two directions advance together in one batched matmul per step. Eager,
-    it is within about 10 % of nn.GRU; under --compile its gate arithmetic fuses, which nn.GRU's kernel cannot."""
-
-    def __init__(self, input_dim, hidden_dim, num_layers):
-        super().__init__()
-        self.hidden_dim, self.num_layers = hidden_dim, num_layers
-        bound = hidden_dim ** -0.5  # nn.GRU's U(-1/sqrt(H), 1/sqrt(H)), drawn in nn.GRU's parameter order
-        for layer in range(num_layers):
-            in_dim = input_dim if layer == 0 else 2 * hidden_dim
-            for direction in ("", "_reverse"):
-                for name, shape in (("weight_ih", (3 * hidden_dim, in_dim)), ("weight_hh", (3 * hidden_dim, hidden_dim)),
-                                    ("bias_ih", (3 * hidden_dim,)), ("bias_hh", (3 * hidden_dim,))):
-                    parameter = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
-                    self.register_parameter(f"{name}_l{layer}{direction}", parameter)
-
-    def forward(self, inputs):  # (B, c, input_dim) -> (2, B, H): last layer's final forward and backward states
-        x = inputs.transpose(0, 1)  # time-major: (c, B, ·)
-        for layer in range(self.num_layers):
-            both = [getattr(self, f"{name}_l{layer}{direction}") for name in
-                    ("weight_ih", "bias_ih", "weight_hh", "bias_hh") for direction in ("", "_reverse")]
-            w_ih, b_ih = torch.cat(both[0:2]), torch.cat(both[2:4])
-            w_hh, b_hh = torch.stack(both[4:6]).transpose(1, 2), torch.stack(both[6:8]).unsqueeze(1)
-            forward_inputs, backward_inputs = F.linear(x, w_ih, b_ih).chunk(2, -1)  # W_i x_t + b_i, every t at once
-            inputs_by_step = torch.stack([forward_inputs, backward_inputs.flip(0)], 1)  # backward reads c-1 .. 0
-            h = x.new_zeros(2, x.shape[1], self.hidden_dim)
-            states = []
-            for input_r_z_n in inputs_by_step.unbind(0):  # (2, B, 3H) at one step, both directions
-                x_r, x_z, x_n = input_r_z_n.chunk(3, -1)
-                h_r, h_z, h_n = torch.baddbmm(b_hh, h, w_hh).chunk(3, -1)  # W_h h_{t-1} + b_h
-                reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
-                candidate = torch.tanh(x_n + reset * h_n)
-                h = candidate + update * (h - candidate)  # (1 - u) n + u h_{t-1}
-                states.append(h)
-            forward_states, backward_states = torch.stack(states).unbind(1)
-            x = torch.cat([forward_states, backward_states.flip(0)], -1)  # (c, B, 2H), in time order
-        return h
-
-
-class Encoder(nn.Module):
-    """q_φ(z|τ): an MLP embeds each (s_t, a_t), a bidirectional GRU reads the c embeddings, a Gaussian comes out."""
-
-    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200, gru_layers=4):
-        super().__init__()
-        self.normalize = Normalizer(obs_dim)
-        self.embed = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU())
-        self.gru = BidirectionalGRU(hidden_dim, hidden_dim, gru_layers)
-        self.head = nn.Linear(2 * hidden_dim, 2 * latent_dim)
-
-    def forward(self, states, actions):  # (B, c, obs_dim), (B, c, act_dim) -> mean, log_std of z
-        final_forward, final_backward = self.gru(self.embed(torch.cat([self.normalize(states), actions], -1)))
-        # the forward direction's state after s_{c-1} and the backward direction's after s_0
-        return gaussian_head(self.head(torch.cat([final_forward, final_backward], -1)))
-
-
-class Prior(nn.Module):
-    """ρ_ω(z|s_0): which primitives are plausible from the first state."""
-
-    def __init__(self, obs_dim, latent_dim, hidden_dim=200):
-        super().__init__()
-        self.normalize = Normalizer(obs_dim)
-        self.net = mlp(obs_dim, hidden_dim, 2 * latent_dim)
-
-    def forward(self, first_states):
-        return gaussian_head(self.net(self.normalize(first_states)))
-
-
-class PrimitivePolicy(nn.Module):
-    """π_θ(a|s,z): the decoder; one z drives c consecutive actions."""
-
-    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200):
-        super().__init__()
-        self.normalize = Normalizer(obs_dim)
-        self.net = mlp(obs_dim + latent_dim, hidden_dim, 2 * act_dim)
-
-    def forward(self, states, latents):
-        return gaussian_head(self.net(torch.cat([self.normalize(states), latents], -1)))
-
-
-def gaussian_log_prob(x, mean, log_std):
-    """log N(x; mean, diag(exp(log_std))^2), summed over the last dimension."""
-    return (-0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-
-def gaussian_kl(mean_q, log_std_q, mean_p, log_std_p):
-    """KL(N_q || N_p) of diagonal Gaussians, summed over the last dimension."""
-    var_q, var_p = (2 * log_std_q).exp(), (2 * log_std_p).exp()
-    return (log_std_p - log_std_q + (var_q + (mean_q - mean_p) ** 2) / (2 * var_p) - 0.5).sum(-1)
-# --- end shared ---
-
-
-def beta_vae_loss(encoder, prior, primitive_policy, states, actions, beta, noise=None):
-    """Eq. (1) of the paper, negated and averaged over a batch of windows; returns (loss, nll, kl).
-
-    states, actions: (B, c, ·). noise: the reparameterisation ε ~ N(0, I) of shape (B, latent_dim).
-    """
-    mean_q, log_std_q = encoder(states, actions)
-    noise = torch.randn_like(mean_q) if noise is None else noise
-    latents = mean_q + log_std_q.exp() * noise  # z ~ q(z|τ), reparameterised
-    mean_a, log_std_a = primitive_policy(states, latents.unsqueeze(1).expand(-1, states.shape[1], -1))
-    reconstruction_nll = -gaussian_log_prob(actions, mean_a, log_std_a).sum(1)  # -Σ_{t<c} log π(a_t|s_t,z)
-    kl = gaussian_kl(mean_q, log_std_q, *prior(states[:, 0]))  # KL(q(z|τ) || ρ(z|s_0))
-    return (reconstruction_nll + beta * kl).mean(), reconstruction_nll.mean(), kl.mean()
 
 
 # --- shared: checkpoint ---
@@ -435,19 +444,24 @@ def resumed_args(args, script: str):
     return payload, saved, run_dir
 
 
-def non_finite_module(**modules) -> Optional[str]:
-    """Name of the first module with a NaN or inf parameter, or None: checked before every save."""
-    for name, module in modules.items():
-        if not all(torch.isfinite(p.detach()).all() for p in module.parameters()):
-            return name
-    return None
-
-
 def check_checkpoint(payload: dict, path, **expected):
     """Refuse a checkpoint whose fields differ from what this run expects, naming the first that differs."""
     for field, value in expected.items():
         if payload.get(field) != value:
             fail(f"{path} does not fit this run: its {field} is {payload.get(field)!r}, this run has {value!r}.")
+
+
+def load_upstream(path, script: str, allow_unfinished: bool, **expected) -> dict:
+    """The checkpoint of an earlier step of the pipeline (e.g. opal_vae.pt for opal_cql.py): refused if its run did
+    not finish (part of its training never ran) unless `allow_unfinished`, or if a field differs from `expected`."""
+    payload = load_checkpoint(path, script)
+    if not payload.get("finished") and not allow_unfinished:
+        run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+        fail(f"{path} is from a {script}.py run that did not finish: it stopped in its {payload.get('phase', 'training')} "
+             f"phase at step {payload.get('step')}, so the rest of its training never ran. Finish it with "
+             f"`python {script}.py --resume {run_dir}`, or pass --allow-unfinished to use it as it is.")
+    check_checkpoint(payload, path, **expected)
+    return payload
 # --- end shared ---
 
 
@@ -510,10 +524,102 @@ def stop_if_not_finite(values: dict, where: str, checkpoint_path: Path, writer):
             fail(f"{name} became {value} at {where}; stopped. The last good checkpoint is "
                  f"{checkpoint_path if checkpoint_path.exists() else 'not written yet (none was saved)'}. "
                  "Lower the learning rates or check the dataset.")
+
+
+def stop_if_not_finite_module(where: str, checkpoint_path: Path, writer, **modules):
+    """Called before every save: a module with a NaN or inf parameter stops the run instead of being written."""
+    for name, module in modules.items():
+        if not all(torch.isfinite(p.detach()).all() for p in module.parameters()):
+            stop_if_not_finite({f"a parameter of the {name}": math.nan}, where, checkpoint_path, writer)
+
+
+class Loop:
+    """One training phase's bookkeeping, so that the loop body holds only the algorithm: a progress bar; the losses
+    averaged between log lines, written under losses/ every --log-every steps with charts/SPS and kept in the run's
+    summary; a stop on NaN or inf; the checkpoint every --save-every steps and when Ctrl-C or SIGTERM arrives (then
+    exit code 130)."""
+
+    def __init__(self, phase, first, last, args, writer, summary, save, checkpoint_path, stop_requested, show=(),
+                 desc=None, prefix="", log_offset=0, optimizer=None):
+        self.phase, self.first, self.last, self.args, self.writer, self.summary = phase, first, last, args, writer, summary
+        self.save, self.checkpoint_path, self.stop_requested, self.show = save, checkpoint_path, stop_requested, show
+        self.desc, self.prefix, self.log_offset, self.optimizer = desc or phase, prefix, log_offset, optimizer
+        self.sums, self.logged_step = None, first - 1
+
+    def __iter__(self):
+        self.start_time = time.time()
+        self.progress = tqdm(range(self.first, self.last + 1), desc=self.desc, mininterval=2, initial=self.first - 1,
+                             total=self.last)
+        yield from self.progress
+        self.progress.close()
+
+    def end_of_step(self, step: int, losses: dict):
+        values = torch.stack([value.detach().float() for value in losses.values()])  # summed on the device: no sync
+        self.sums = values if self.sums is None else self.sums + values
+        save_now = step % self.args.save_every == 0 or bool(self.stop_requested)
+        if step % self.args.log_every == 0 or step == self.last or save_now:
+            means = dict(zip(losses, (self.sums / (step - self.logged_step)).tolist()))
+            self.sums, self.logged_step = None, step
+            stop_if_not_finite({f"losses/{k}": v for k, v in means.items()}, f"{self.phase} step {step}",
+                               self.checkpoint_path, self.writer)
+            sps = (step - self.first + 1) / (time.time() - self.start_time)
+            for name, value in means.items():
+                self.writer.add_scalar(f"losses/{name}", value, self.log_offset + step)
+            self.writer.add_scalar("charts/SPS", sps, self.log_offset + step)
+            if self.optimizer is not None:
+                self.writer.add_scalar("charts/learning_rate", self.optimizer.param_groups[0]["lr"], self.log_offset + step)
+            self.progress.set_postfix({**{name: f"{means[name]:.3f}" for name in self.show}, "sps": f"{sps:.0f}"})
+            self.summary.update(means, **{f"{self.prefix}steps": step, f"{self.prefix}sps": sps})
+        if save_now:
+            self.save(step)
+        if self.stop_requested:
+            print(f"stopped by signal at {self.phase} step {step}; checkpoint written to {self.checkpoint_path}")
+            sys.exit(130)
 # --- end shared ---
 
 
-# --- evaluation ---
+class BidirectionalGRU(nn.Module):
+    """nn.GRU(bidirectional=True) written out, with its parameter names and initialisation (checkpoints of either
+    load into the other). Per layer, the input projections of all c steps and both directions are one matmul; only
+    the recurrence is sequential, and its two directions advance together in one batched matmul per step. Eager,
+    it is within about 10 % of nn.GRU; under --compile its gate arithmetic fuses, which nn.GRU's kernel cannot."""
+
+    def __init__(self, input_dim, hidden_dim, num_layers, batch_first=True, bidirectional=True):
+        super().__init__()
+        assert batch_first and bidirectional, "only the layout the Encoder uses"
+        self.hidden_dim, self.num_layers = hidden_dim, num_layers
+        bound = hidden_dim ** -0.5  # nn.GRU's U(-1/sqrt(H), 1/sqrt(H)), drawn in nn.GRU's parameter order
+        for layer in range(num_layers):
+            in_dim = input_dim if layer == 0 else 2 * hidden_dim
+            for direction in ("", "_reverse"):
+                for name, shape in (("weight_ih", (3 * hidden_dim, in_dim)), ("weight_hh", (3 * hidden_dim, hidden_dim)),
+                                    ("bias_ih", (3 * hidden_dim,)), ("bias_hh", (3 * hidden_dim,))):
+                    parameter = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+                    self.register_parameter(f"{name}_l{layer}{direction}", parameter)
+
+    def forward(self, inputs):  # (B, c, input_dim) -> (None, (2, B, H)): last layer's final forward, backward states
+        x = inputs.transpose(0, 1)  # time-major: (c, B, ·)
+        for layer in range(self.num_layers):
+            both = [getattr(self, f"{name}_l{layer}{direction}") for name in
+                    ("weight_ih", "bias_ih", "weight_hh", "bias_hh") for direction in ("", "_reverse")]
+            w_ih, b_ih = torch.cat(both[0:2]), torch.cat(both[2:4])
+            w_hh, b_hh = torch.stack(both[4:6]).transpose(1, 2), torch.stack(both[6:8]).unsqueeze(1)
+            forward_inputs, backward_inputs = F.linear(x, w_ih, b_ih).chunk(2, -1)  # W_i x_t + b_i, every t at once
+            inputs_by_step = torch.stack([forward_inputs, backward_inputs.flip(0)], 1)  # backward reads c-1 .. 0
+            h = x.new_zeros(2, x.shape[1], self.hidden_dim)
+            states = []
+            for input_r_z_n in inputs_by_step.unbind(0):  # (2, B, 3H) at one step, both directions
+                x_r, x_z, x_n = input_r_z_n.chunk(3, -1)
+                h_r, h_z, h_n = torch.baddbmm(b_hh, h, w_hh).chunk(3, -1)  # W_h h_{t-1} + b_h
+                reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+                candidate = torch.tanh(x_n + reset * h_n)
+                h = candidate + update * (h - candidate)  # (1 - u) n + u h_{t-1}
+                states.append(h)
+            forward_states, backward_states = torch.stack(states).unbind(1)
+            x = torch.cat([forward_states, backward_states.flip(0)], -1)  # (c, B, 2H), in time order
+        return None, h  # as nn.GRU returns (outputs, final states); the Encoder reads only the latter
+
+
 @torch.no_grad()
 def rollout_error(env, layout, data, starts, encoder, prior, primitive_policy, c, windows=64, seed=0):
     """Closed-loop check of the primitives: from a dataset state, run π(a|s,z) with z = the encoder mean of
@@ -597,19 +703,9 @@ def draw_primitives(env, layout, prior, primitive_policy, c, path, latents=8, ch
 if __name__ == "__main__":
     args = tyro.cli(Args)
     stop_requested = stop_signals()
-    resumed, resumed_dir = None, None
-    if args.resume:
-        resumed, args, resumed_dir = resumed_args(args, "opal_vae")
-    for name in ("c", "latent_dim", "batch_size", "hidden_dim", "gru_layers", "save_every", "log_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    for name in ("num_steps", "bc_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < (1 if name == "num_steps" else 0):
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
-    if not (args.learning_rate > 0 and args.beta >= 0):
-        fail("--learning-rate must be positive and --beta non-negative.")
+    resumed, args, resumed_dir = resumed_args(args, "opal_vae") if args.resume else (None, args, None)
 
-    # setup: seeding, device, data
+    # Setup: device, dataset and its windows, the budget's defaults (the paper's for D4RL data, a CPU's otherwise)
     device = setup_torch(args.seed, args.device)
     args.bf16 = use_bf16(args.bf16, device)
     dataset_id = resolve_dataset_id(args.env, args.dataset_id)
@@ -621,12 +717,10 @@ if __name__ == "__main__":
         fail(f"every episode of {dataset_id} is shorter than c = {args.c} steps (longest: "
              f"{int(data['episode_lengths'].max())}), so there is no sub-trajectory to learn from; lower --c.")
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    env_spec = dataset.env_spec
-    is_paper_alias = dataset_id.startswith("D4RL/")
-    batch_size = args.batch_size or (50 if is_paper_alias else 256)
-    num_steps = args.num_steps or (100 * len(starts) // batch_size if is_paper_alias else 4000)
+    paper_scale = dataset_id.startswith("D4RL/")
+    batch_size = args.batch_size or (50 if paper_scale else 256)
+    num_steps = args.num_steps or (100 * len(starts) // batch_size if paper_scale else 4000)
     bc_steps = args.bc_steps if args.bc_steps is not None else num_steps // 10
-
     config = {**asdict(args), "dataset_id": dataset_id, "batch_size": batch_size, "num_steps": num_steps,
               "bc_steps": bc_steps, "windows": len(starts), "obs_dim": obs_dim, "act_dim": act_dim}
     run_dir, writer = open_run(args, config, resumed_dir)
@@ -635,19 +729,16 @@ if __name__ == "__main__":
           f"action {act_dim}-d")
     print(f"β-VAE: {num_steps} gradient steps at batch {batch_size}, then {bc_steps} BC steps; run dir {run_dir}")
 
-    encoder = Encoder(obs_dim, act_dim, args.latent_dim, args.hidden_dim, args.gru_layers).to(device)
-    prior = Prior(obs_dim, args.latent_dim, args.hidden_dim).to(device)
-    primitive_policy = PrimitivePolicy(obs_dim, act_dim, args.latent_dim, args.hidden_dim).to(device)
+    encoder = Encoder(obs_dim, act_dim, args.latent_dim, args.hidden_dim, args.gru_layers, gru=BidirectionalGRU)
+    prior = Prior(obs_dim, args.latent_dim, args.hidden_dim)
+    primitive_policy = PrimitivePolicy(obs_dim, act_dim, args.latent_dim, args.hidden_dim)
     for module in (encoder, prior, primitive_policy):
-        module.normalize.fit(data["observations"])
+        module.to(device).normalize.fit(data["observations"])
     parameters = [*encoder.parameters(), *prior.parameters(), *primitive_policy.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, fused=True)
     bc_optimizer = torch.optim.Adam(primitive_policy.parameters(), lr=args.learning_rate, fused=True)
     sampler = torch.Generator(device=device).manual_seed(args.seed)
-    offsets = torch.arange(args.c, device=device)
-
-    checkpoint_path = run_dir / "opal_vae.pt"
-    summary, phase, first_step = {}, "vae", 1
+    checkpoint_path, summary, phase, first_step = run_dir / "opal_vae.pt", {}, "vae", 1
     if resumed is not None:  # models, optimisers, step counters and random number generators as they were
         for module, key in ((encoder, "encoder"), (prior, "prior"), (primitive_policy, "primitive_policy")):
             module.load_state_dict(resumed[key])
@@ -658,111 +749,58 @@ if __name__ == "__main__":
         summary, phase, first_step = dict(resumed["summary"]), resumed["phase"], resumed["step"] + 1
 
     def checkpoint(phase: str, step: int):
-        broken = non_finite_module(encoder=encoder, prior=prior, primitive_policy=primitive_policy)
-        if broken:
-            stop_if_not_finite({f"a parameter of the {broken}": math.nan}, f"{phase} step {step}",
-                               checkpoint_path, writer)
-        act_space = dataset.action_space
+        stop_if_not_finite_module(f"{phase} step {step}", checkpoint_path, writer, encoder=encoder, prior=prior,
+                                  primitive_policy=primitive_policy)
         save_checkpoint(checkpoint_path, {
             "script": "opal_vae", "args": asdict(args), "seed": args.seed, "dataset_id": dataset_id,
-            "env_id": env_spec.id if env_spec is not None else None, "obs_layout": layout,
-            "obs_dim": obs_dim, "act_dim": act_dim,
-            "act_low": act_space.low.tolist(), "act_high": act_space.high.tolist(),
-            "c": args.c, "latent_dim": args.latent_dim, "hidden_dim": args.hidden_dim, "gru_layers": args.gru_layers,
-            "encoder": encoder.state_dict(), "prior": prior.state_dict(),
-            "primitive_policy": primitive_policy.state_dict(),
+            "env_id": dataset.env_spec.id if dataset.env_spec is not None else None, "obs_layout": layout,
+            "obs_dim": obs_dim, "act_dim": act_dim, "act_low": dataset.action_space.low.tolist(),
+            "act_high": dataset.action_space.high.tolist(), "c": args.c, "latent_dim": args.latent_dim,
+            "hidden_dim": args.hidden_dim, "gru_layers": args.gru_layers, "encoder": encoder.state_dict(),
+            "prior": prior.state_dict(), "primitive_policy": primitive_policy.state_dict(),
             "optimizer": optimizer.state_dict(), "bc_optimizer": bc_optimizer.state_dict(),
-            "phase": phase, "step": step, "finished": phase == "done",
-            "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()},
-            "summary": dict(summary),
-        })
+            "phase": phase, "step": step, "finished": phase == "done", "summary": dict(summary),
+            "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}})
 
+    def window_rows(first_rows, chosen):  # rows of the c steps of the chosen windows: (B, c)
+        return first_rows[chosen][:, None] + torch.arange(args.c, device=device)
+
+    # Phase 1, Eq. (1): the β-VAE, encoder, prior and primitive policy trained jointly
     vae_loss = torch.compile(beta_vae_loss) if args.compile else beta_vae_loss
-
-    def sample_windows(size):
-        rows = starts[torch.randint(len(starts), (size,), device=device, generator=sampler)][:, None] + offsets
-        return data["observations"][rows], data["actions"][rows]
-
-    # Phase 1: the β-VAE, Eq. (1): encoder, prior and primitive policy trained jointly
-    start_time, logged_step = time.time(), first_step - 1 if phase == "vae" else 0
-    loss_sums = torch.zeros(3, device=device)  # loss, nll, kl summed since the last log line (no host sync)
-    start_step = first_step if phase == "vae" else num_steps + 1
-    progress = tqdm(range(start_step, num_steps + 1), desc="β-VAE", mininterval=2,
-                    initial=start_step - 1, total=num_steps)
-    for step in progress:
-        states, actions = sample_windows(batch_size)
+    loop = Loop("β-VAE", first_step if phase == "vae" else num_steps + 1, num_steps, args, writer, summary,
+                lambda step: checkpoint("vae", step), checkpoint_path, stop_requested, show=("reconstruction_nll", "kl"),
+                prefix="vae_", optimizer=optimizer)
+    for step in loop:
+        rows = window_rows(starts, torch.randint(len(starts), (batch_size,), device=device, generator=sampler))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, reconstruction_nll, kl = vae_loss(encoder, prior, primitive_policy, states, actions, args.beta)
+            loss, reconstruction_nll, kl = vae_loss(encoder, prior, primitive_policy, data["observations"][rows],
+                                                    data["actions"][rows], args.beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sums += torch.stack([loss, reconstruction_nll, kl]).detach()
+        loop.end_of_step(step, {"vae_loss": loss, "reconstruction_nll": reconstruction_nll, "kl": kl})
 
-        save_now = step % args.save_every == 0 or bool(stop_requested)
-        if step % args.log_every == 0 or step == num_steps or save_now:
-            means = (loss_sums / (step - logged_step)).tolist()  # averages over the steps since the last log
-            loss_sums.zero_()
-            logged_step = step
-            values = dict(zip(("losses/vae_loss", "losses/reconstruction_nll", "losses/kl"), means))
-            stop_if_not_finite(values, f"β-VAE step {step}", checkpoint_path, writer)
-            sps = (step - start_step + 1) / (time.time() - start_time)
-            for key, value in values.items():
-                writer.add_scalar(key, value, step)
-            writer.add_scalar("charts/SPS", sps, step)
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], step)
-            progress.set_postfix(nll=f"{values['losses/reconstruction_nll']:.3f}", kl=f"{values['losses/kl']:.3f}",
-                                 sps=f"{sps:.0f}")
-            summary.update({k.split("/")[1]: v for k, v in values.items()}, vae_steps=step, vae_sps=sps)
-        if save_now:
-            checkpoint("vae", step)
-        if stop_requested:
-            print(f"stopped by signal at β-VAE step {step}; checkpoint written to {checkpoint_path}")
-            sys.exit(130)
-    progress.close()
-
-    # Phase 2: relabel windows (stride c) with the encoder's posterior mean and fine-tune π(a|s,z) by BC
-    with torch.no_grad():
-        relabel_starts = window_starts(data["episode_lengths"], args.c, stride=args.c).to(device)
-        relabel_rows = relabel_starts[:, None] + offsets
-        latents = torch.cat([encoder(data["observations"][rows], data["actions"][rows])[0]
-                             for rows in relabel_rows.split(4096)])
-    bc_start = first_step if phase == "bc" else 1
-    start_time, logged_step, bc_sum = time.time(), bc_start - 1, torch.zeros((), device=device)
-    progress = tqdm(range(bc_start, bc_steps + 1), desc="BC fine-tuning", mininterval=2,
-                    initial=bc_start - 1, total=bc_steps)
-    for step in progress:
+    # Phase 2 (§4.1): relabel the windows of stride c with z = μ_φ(τ) and fine-tune π_θ(a|s,z) by behaviour cloning
+    relabel_starts = window_starts(data["episode_lengths"], args.c, stride=args.c).to(device)
+    latents = encode_windows(encoder, data["observations"], data["actions"], relabel_starts, args.c)
+    loop = Loop("BC", first_step if phase == "bc" else 1, bc_steps, args, writer, summary,
+                lambda step: checkpoint("bc", step), checkpoint_path, stop_requested, show=("bc_nll",),
+                desc="BC fine-tuning", prefix="bc_", log_offset=num_steps)
+    for step in loop:
         chosen = torch.randint(len(relabel_starts), (batch_size,), device=device, generator=sampler)
-        rows = relabel_rows[chosen]
-        mean_a, log_std_a = primitive_policy(data["observations"][rows],
-                                             latents[chosen].unsqueeze(1).expand(-1, args.c, -1))
-        bc_nll = -gaussian_log_prob(data["actions"][rows], mean_a, log_std_a).sum(1).mean()
+        rows = window_rows(relabel_starts, chosen)
+        bc_nll = primitive_bc_loss(primitive_policy, data["observations"][rows], data["actions"][rows], latents[chosen])
         bc_optimizer.zero_grad(set_to_none=True)
         bc_nll.backward()
         bc_optimizer.step()
-        bc_sum += bc_nll.detach()
-        save_now = step % args.save_every == 0 or bool(stop_requested)
-        if step % args.log_every == 0 or step == bc_steps or save_now:
-            value = bc_sum.item() / (step - logged_step)
-            bc_sum.zero_()
-            logged_step = step
-            stop_if_not_finite({"losses/bc_nll": value}, f"BC step {step}", checkpoint_path, writer)
-            writer.add_scalar("losses/bc_nll", value, num_steps + step)
-            progress.set_postfix(nll=f"{value:.3f}")
-            summary.update(bc_nll=value, bc_steps=step)
-        if save_now:
-            checkpoint("bc", step)
-        if stop_requested:
-            print(f"stopped by signal at BC step {step}; checkpoint written to {checkpoint_path}")
-            sys.exit(130)
-    progress.close()
+        loop.end_of_step(step, {"bc_nll": bc_nll})
 
-    # Evaluation: diagnostics on a fixed set of training windows, closed-loop rollouts, the picture
+    # Evaluation: action error on fixed training windows, closed-loop rollouts in the simulator, the picture
     with torch.no_grad():
-        eval_sampler = torch.Generator(device=device).manual_seed(12345)
-        rows = starts[torch.randint(len(starts), (2048,), device=device, generator=eval_sampler)][:, None] + offsets
+        rows = window_rows(starts, torch.randint(len(starts), (2048,), device=device,
+                                                 generator=torch.Generator(device=device).manual_seed(12345)))
         states, actions = data["observations"][rows], data["actions"][rows]
-        mean_q, _ = encoder(states, actions)
-        mean_a, _ = primitive_policy(states, mean_q.unsqueeze(1).expand(-1, args.c, -1))
+        mean_a, _ = primitive_policy(states, encoder(states, actions)[0].unsqueeze(1).expand(-1, args.c, -1))
         summary["action_mse"] = F.mse_loss(mean_a, actions).item()
     writer.add_scalar("eval/action_mse", summary["action_mse"], num_steps + bc_steps)
     eval_env = None

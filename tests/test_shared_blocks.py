@@ -44,3 +44,16 @@ def test_the_checker_sees_a_drift(tmp_path):
     drifted = tmp_path / "drifted.py"
     drifted.write_text(text.replace("def fail(message: str):", "def fail(msg: str):"))
     assert shared_blocks(drifted)["datasets"] != shared_blocks(ROOT / "opal_vae.py")["datasets"]
+
+
+def test_every_copied_block_is_used_by_its_script():
+    """Blocks are cut by use: a script carries a block only if it calls something the block defines (blocks that
+    define no function or class, such as the import that registers the environments, act by being run)."""
+    definition = re.compile(r"^(?:def|class) ([A-Za-z_][A-Za-z0-9_]*)", re.M)
+    for script in sorted(ROOT.glob("opal_*.py")):
+        text = script.read_text()
+        for name, block in shared_blocks(script).items():
+            outside = text.replace(block, "")
+            names = set(definition.findall(block))
+            assert not names or any(re.search(rf"\b{re.escape(n)}\b", outside) for n in names), \
+                f"{script.name} copies the shared block {name!r} but uses none of {sorted(names)}"

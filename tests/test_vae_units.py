@@ -90,6 +90,17 @@ def test_beta_vae_loss_gradients_reach_every_network():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
+def test_encoder_is_the_same_with_either_gru():
+    """The shared Encoder runs on nn.GRU; opal_vae.py trains it with the written-out GRU: same init, same z."""
+    torch.manual_seed(2)
+    with_torch_gru = ov.Encoder(4, 2, 3, 16, 2)
+    torch.manual_seed(2)
+    written_out = ov.Encoder(4, 2, 3, 16, 2, gru=ov.BidirectionalGRU)
+    assert all(torch.equal(a, b) for a, b in zip(with_torch_gru.state_dict().values(), written_out.state_dict().values()))
+    states, actions = torch.randn(5, 10, 4), torch.randn(5, 10, 2)
+    assert torch.allclose(with_torch_gru(states, actions)[0], written_out(states, actions)[0], atol=1e-5)
+
+
 def test_encoder_reads_the_whole_window():
     torch.manual_seed(0)
     encoder = ov.Encoder(4, 2, 3, 16, 2)
@@ -117,7 +128,7 @@ def test_written_out_gru_equals_nn_gru(layers, in_dim, hidden):
 
     final_reference = reference(inputs)[1][-2:]  # last layer: forward after x_5, backward after x_0
     grads_reference = torch.autograd.grad((final_reference * weights).sum(), [inputs, *reference.parameters()])
-    final = gru(inputs)
+    final = gru(inputs)[1]
     grads = torch.autograd.grad((final * weights).sum(), [inputs, *gru.parameters()])
     assert torch.allclose(final, final_reference, atol=1e-12)
     for grad, grad_reference in zip(grads, grads_reference):
