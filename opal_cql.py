@@ -216,6 +216,13 @@ def relabel(starts, c, rewards, dones, gamma):
     return returns, done.float(), starts + steps, steps
 
 
+def backup_discounts(steps, gamma: float, rule: str):
+    """Discount of each high-level transition's Bellman backup. decision: γ per decision, as SPiRL, SUPE's OPAL skills
+    and a public OPAL re-implementation back up; window: γ^k for a window of k low-level steps, the semi-MDP's exact
+    discount, which keeps the horizon at ~1/(1-γ) low-level steps whatever c is."""
+    return gamma ** (steps.float() if rule == "window" else torch.ones_like(steps, dtype=torch.float32))
+
+
 def latent_box(latents, bound: str, stds: float, margin: float):
     """The task policy's latent action space, a box (the paper leaves it open; ours). minmax: the range of the
     relabelled latents, every choice where the encoder saw behaviour, tails included; std: their mean ± `stds`
@@ -971,8 +978,7 @@ if __name__ == "__main__":
     returns, done, next_rows, steps = relabel(starts, c, args.reward_scale * rewards + args.reward_bias, dones,
                                               args.gamma)
     states, next_states = data["observations"][starts], data["observations"][next_rows]
-    # the backup's discount γ_hl: γ per decision, or γ^k for a window of k steps
-    discounts = args.gamma ** (steps.float() if args.high_level_discount == "window" else torch.ones_like(returns))
+    discounts = backup_discounts(steps, args.gamma, args.high_level_discount)
     primitive_policy, prior = None, None
     if vae is None:  # plain CQL: the choice is the dataset's action, the box the action bounds
         choice_low = torch.as_tensor(act_low, dtype=torch.float32, device=device)

@@ -91,68 +91,19 @@ def vae_update(data, starts, obs_dim, act_dim, batch_size, fused, bf16, compiled
 
 
 def cql_update(obs_dim, choice_dim, hidden, critic_layers, policy_layers, bf16, compiled=False, n=10, batch_size=256):
-    """One CQL step with the operations of opal_cql.py's loop (max-target backup, one batched critic call for the
-    data and the 3n proposals, Lagrange α', tuned entropy, Polyak), on random data of the given shapes; `compiled`
-    compiles the policy and the critics in place as opal_cql.py --compile does."""
+    """One step of opal_cql.py's own update (`opal_cql.CQL.update`, the object the script trains with) on random
+    data of the given shapes; `compiled` compiles the policy and the critics in place as opal_cql.py --compile does."""
     torch.manual_seed(0)
-    low, high = -torch.ones(choice_dim), torch.ones(choice_dim)
-    policy = oc.TanhGaussianPolicy(obs_dim, choice_dim, low, high, hidden, policy_layers)
-    critics = oc.Critics(obs_dim, choice_dim, hidden, critic_layers)
-    targets = oc.Critics(obs_dim, choice_dim, hidden, critic_layers).requires_grad_(False)
-    if compiled:
-        for module in (policy, critics, targets):
-            module.compile()
-    log_alpha, log_alpha_prime = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
-    policy_optimizer = torch.optim.Adam(policy.parameters(), 1e-4, fused=True)
-    critic_optimizer = torch.optim.Adam(critics.parameters(), 3e-4, fused=True)
-    alpha_optimizer, alpha_prime_optimizer = torch.optim.Adam([log_alpha], 1e-4), torch.optim.Adam([log_alpha_prime], 3e-4)
+    args = oc.Args(primitives="none", hidden_dim=hidden, critic_layers=critic_layers, policy_layers=policy_layers,
+                   bf16=bf16, compile=compiled, cql_n_actions=n, batch_size=batch_size)
     states, choices = torch.randn(100_000, obs_dim), torch.rand(100_000, choice_dim) * 2 - 1
     rewards, generator = torch.randn(100_000), torch.Generator().manual_seed(0)
-    uniform_log_density = -(high - low).log().sum()
+    agent = oc.CQL(obs_dim, -torch.ones(choice_dim), torch.ones(choice_dim), args, states)
+    not_done, discount = torch.ones(batch_size), torch.full((batch_size,), 0.99)
 
     def step():
         batch = torch.randint(len(states) - 1, (batch_size,), generator=generator)
-        s, choice, reward, s_next = states[batch], choices[batch], rewards[batch], states[batch + 1]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            with torch.no_grad():
-                next_choice, _ = policy(s_next.repeat_interleave(n, 0))
-                next_q = targets(s_next.repeat_interleave(n, 0), next_choice).min(0).values.view(-1, n).max(1).values
-                target_q = reward + 0.9 * next_q.float()
-            s_rep = s.repeat_interleave(n, 0)
-            random_choice = low + (high - low) * torch.rand(len(s_rep), choice_dim)
-            with torch.no_grad():
-                policy_choice, policy_log_prob = policy(s_rep)
-                next_policy_choice, next_policy_log_prob = policy(s_next.repeat_interleave(n, 0))
-            q_all = critics(torch.cat([s, s_rep, s_rep, s_rep]),
-                            torch.cat([choice, random_choice, policy_choice, next_policy_choice])).float()
-        q_data = q_all[:, :batch_size]
-        td_loss = 0.5 * ((q_data - target_q) ** 2).mean(1).sum()
-        proposal_log_density = torch.stack([uniform_log_density.expand(len(s_rep)), policy_log_prob.float(),
-                                            next_policy_log_prob.float()]).view(1, 3, batch_size, n)
-        sampled_q = (q_all[:, batch_size:].view(2, 3, batch_size, n) - proposal_log_density)
-        sampled_q = sampled_q.permute(0, 2, 1, 3).reshape(2, batch_size, 3 * n)
-        cql_gap = (torch.logsumexp(sampled_q, -1) - q_data).mean(1)
-        alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
-        cql_loss = (alpha_prime.detach() * 5.0 * (cql_gap - 0.8)).sum()
-        alpha_prime_loss = -(alpha_prime * 5.0 * (cql_gap.detach() - 0.8)).sum()
-        alpha_prime_optimizer.zero_grad(set_to_none=True)
-        alpha_prime_loss.backward()
-        alpha_prime_optimizer.step()
-        critic_optimizer.zero_grad(set_to_none=True)
-        (td_loss + cql_loss).backward()
-        critic_optimizer.step()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            new_choice, log_prob = policy(s)
-            policy_loss = (log_alpha.exp().detach() * log_prob - critics(s, new_choice).min(0).values).float().mean()
-        policy_optimizer.zero_grad(set_to_none=True)
-        policy_loss.backward()
-        policy_optimizer.step()
-        alpha_loss = -(log_alpha * (log_prob.detach().float() - choice_dim)).mean()
-        alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        alpha_optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(targets.parameters()), list(critics.parameters()), 0.005)
+        agent.update(states[batch], choices[batch], rewards[batch], states[batch + 1], not_done, discount)
 
     return step
 

@@ -1,7 +1,7 @@
 """Draw where opal_cql.py policies go: xy paths of a few evaluation episodes per checkpoint, one panel each,
 on the maze of the dataset's evaluation environment (the goal is the red star).
 
-Run:  python benchmarks/plot_rollouts.py runs/table/*/opal_cql.pt --out docs/pointmaze_rollouts.png
+Run:  python analysis/plot_rollouts.py runs/table/*/opal_cql.pt --out docs/pointmaze_rollouts.png
 """
 
 import sys

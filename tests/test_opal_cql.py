@@ -80,6 +80,59 @@ def test_vectorized_critics_match_separate_networks():
         assert torch.allclose(together[member], h.squeeze(-1), atol=1e-6)
 
 
+def test_backup_discounts_by_hand():
+    steps = torch.tensor([10, 3])  # a full window and one that reached the goal after 3 steps
+    assert oc.backup_discounts(steps, 0.5, "window").tolist() == [0.5 ** 10, 0.125]
+    assert oc.backup_discounts(steps, 0.5, "decision").tolist() == [0.5, 0.5]
+
+
+def constant_critics(critics, *values):
+    """Every member i of `critics` outputs values[i] whatever its input."""
+    with torch.no_grad():
+        for layer in critics.net:
+            if isinstance(layer, oc.VectorizedLinear):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        for member, value in enumerate(values):
+            critics.net[-1].bias[member] = value
+
+
+@pytest.mark.parametrize("discount", [0.5, 0.25])
+def test_update_backs_up_with_the_given_discount_and_the_min_of_the_targets(discount):
+    # Q = 0 everywhere, Q̄_1 = 7 and Q̄_2 = 9: y = R + (1 - done) γ_hl min_i Q̄_i = 1 + 7 γ_hl for a live transition,
+    # y = 1 for a terminal one; L_TD = Σ_i ½ E[(Q_i - y)²] = E[y²]
+    args = oc.Args(primitives="none", hidden_dim=8, critic_layers=2, policy_layers=2, bf16=False, cql_n_actions=3)
+    agent = oc.CQL(3, -torch.ones(2), torch.ones(2), args, torch.randn(50, 3))
+    constant_critics(agent.critics, 0.0, 0.0)
+    constant_critics(agent.target_critics, 7.0, 9.0)
+    s, choice = torch.randn(2, 3), torch.rand(2, 2) * 2 - 1
+    losses = agent.update(s, choice, torch.ones(2), torch.randn(2, 3), torch.tensor([1.0, 0.0]), torch.full((2,), discount))
+    assert losses["td_loss"].item() == pytest.approx(((1 + 7 * discount) ** 2 + 1) / 2)
+    assert losses["q_data"].item() == 0.0
+
+
+def test_critics_give_q_in_fp32_under_bf16_autocast():
+    # bf16 holds only even numbers between 256 and 512: a bf16 last layer would return 300 for 301
+    critics = oc.Critics(3, 2, 8, layers=2)
+    constant_critics(critics, 301.0, -491.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = critics(torch.randn(4, 3), torch.randn(4, 2))
+    assert q.dtype == torch.float32 and q[0].tolist() == [301.0] * 4 and q[1].tolist() == [-491.0] * 4
+
+
+def test_latent_box_by_hand():
+    latents = torch.tensor([[0.0, -1.0], [2.0, 1.0], [4.0, 3.0], [10.0, 1.0]])
+    low, high = oc.latent_box(latents, "minmax", 2.0, 0.0)
+    assert low.tolist() == [0.0, -1.0] and high.tolist() == [10.0, 3.0]
+    low, high = oc.latent_box(latents, "minmax", 2.0, 0.1)  # widened by a tenth of the width on each side
+    assert low.tolist() == pytest.approx([-1.0, -1.4]) and high.tolist() == pytest.approx([11.0, 3.4])
+    std = latents.std(0)  # sample std: column 0 mean 4, std sqrt(56/3); column 1 mean 1, std sqrt(8/3)
+    assert std.tolist() == pytest.approx([(56 / 3) ** 0.5, (8 / 3) ** 0.5])
+    low, high = oc.latent_box(latents, "std", 1.5, 0.0)
+    assert low.tolist() == pytest.approx([4 - 1.5 * std[0].item(), 1 - 1.5 * std[1].item()])
+    assert high.tolist() == pytest.approx([4 + 1.5 * std[0].item(), 1 + 1.5 * std[1].item()])
+
+
 def scalars(run_dir, tag):
     events = EventAccumulator(str(run_dir))
     events.Reload()
@@ -190,3 +243,34 @@ def test_cql_speed_flags_run(sandbox, datasets, vae_checkpoints, flag):
         assert saved["args"]["bf16"] == native and ("bf16 autocast off" in result.stdout) != native
     if flag == "--no-bf16":  # bf16 is the default; the fp32 path still runs
         assert saved["args"]["bf16"] is False and "bf16 autocast off" not in result.stdout
+
+
+def test_cql_refuses_an_unfinished_vae_checkpoint(sandbox, datasets, vae_checkpoints, tmp_path):
+    # as a VAE run stopped by Ctrl-C in its β-VAE phase leaves it: its BC fine-tuning never ran
+    payload = torch.load(vae_checkpoints["pointmaze"], weights_only=True)
+    payload.update(phase="vae", step=845, finished=False)
+    stopped = tmp_path / "stopped-run" / "opal_vae.pt"
+    stopped.parent.mkdir()
+    torch.save(payload, stopped)
+    result = run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", stopped)
+    assert_refused(result, "did not finish: it stopped in its vae phase at step 845",
+                   f"python opal_vae.py --resume {stopped.parent}", "--allow-unfinished")
+    accepted = run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", stopped, "--allow-unfinished",
+                       "--total-steps", 10)
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
+
+
+def test_high_level_options_run(sandbox, datasets, vae_checkpoints):
+    """The per-decision backup, the std latent box and the prior's KL train end to end; the std box lies inside
+    the minmax box of the same relabelled latents."""
+    boxes = {}
+    for bound in ("minmax", "std"):
+        result = run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", vae_checkpoints["pointmaze"],
+                         "--high-level-discount", "decision", "--latent-bound", bound, "--latent-bound-std", 1.0,
+                         "--prior-kl-weight", 0.1)
+        assert result.returncode == 0, result.stderr[-3000:]
+        path = Path([l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1][12:])
+        payload = oc.load_checkpoint(path, "opal_cql")
+        assert all(np.isfinite(scalars(path.parent, "losses/policy_loss")))
+        boxes[bound] = torch.tensor(payload["choice_low"]), torch.tensor(payload["choice_high"])
+    assert (boxes["std"][0] > boxes["minmax"][0]).all() and (boxes["std"][1] < boxes["minmax"][1]).all()

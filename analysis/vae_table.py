@@ -10,7 +10,7 @@ issue 5.
 
 Run:  python opal_vae.py --seed 2 --runs-dir runs/vae_parity                       # and seeds 1, 3
       python opal_vae.py --seed 2 --bf16 --compile --runs-dir runs/vae_parity      # and seeds 1, 3
-      python benchmarks/vae_table.py --runs-dir runs/vae_parity
+      python analysis/vae_table.py --runs-dir runs/vae_parity
 """
 
 import statistics

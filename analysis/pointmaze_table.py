@@ -1,18 +1,18 @@
 """The README's pointmaze-large table: CQL+OPAL versus plain CQL over several seeds, at a CPU-sized budget.
 
 Runs `opal_cql.py` once per (mode, seed), `--parallel` at a time with one torch thread each, then reads the
-final evaluation of every run from its opal_cql.pt and prints a markdown table (mean ± std over seeds).
+final and best evaluations of every run from its opal_cql.pt and prints a markdown table: IQM and mean with 95%
+stratified-bootstrap confidence intervals over runs (rliable).
 
-Run:  python benchmarks/pointmaze_table.py --vae-ckpt runs/<opal_vae run>/opal_vae.pt
-      python benchmarks/pointmaze_table.py --summarize-only --runs-dir runs/table   # table of finished runs
-      python benchmarks/pointmaze_table.py --vae-ckpt … --modes opal --seeds 1 --runs-dir runs/ablations
+Run:  python analysis/pointmaze_table.py --vae-ckpt runs/<opal_vae run>/opal_vae.pt
+      python analysis/pointmaze_table.py --summarize-only --runs-dir runs/table   # table of finished runs
+      python analysis/pointmaze_table.py --vae-ckpt … --modes opal --seeds 1 --runs-dir runs/ablations
           "--cql-args=--env pointmaze-large --total-steps 15000 --exp-name stride1 --relabel-stride 1"   # one variant
 (the `=` form is needed because the value itself starts with `--`)
 """
 
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import tyro
 
@@ -41,52 +42,48 @@ class Args:
     summarize_only: bool = False
     """only print the table of the runs already in --runs-dir"""
     cql_args: str = ("--env pointmaze-large --total-steps 15000 --hidden-dim 128 --critic-layers 3 --policy-layers 3 "
-                     "--eval-every 2500 --eval-episodes 100 --eval-episodes-during 20 --no-bf16")
+                     "--eval-every 2500 --eval-episodes 100 --eval-episodes-during 20")
     """flags passed to every opal_cql.py run (one quoted string)"""
 
 
-def closest_goal_distance(path: Path, episodes: int = 100) -> float:
-    """Re-run the final evaluation of a finished run from its checkpoint alone (same seeds as the run's own final
-    evaluation) and return the mean over episodes of the closest xy distance to the goal."""
-    sys.path.insert(0, str(ROOT))
-    import minari
-    import numpy as np
-    import opal_cql as oc
+def interval_estimates(runs: list) -> dict:
+    """IQM and mean with 95% stratified-bootstrap confidence intervals over runs (Agarwal et al., NeurIPS 2021; the
+    rliable package), for a list of per-run scores; {name: (point, low, high)}."""
+    from rliable import library as rly, metrics
 
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    saved = payload["args"]
-    policy, primitive_policy = oc.policies_from_checkpoint(payload)
-    envs = oc.make_eval_envs(minari.load_dataset(payload["dataset_id"]), 10)
-    success, _, distance = oc.evaluate(envs, payload["obs_layout"], policy, primitive_policy, payload["c"], episodes,
-                                       saved["seed"] + 10_000, np.array(payload["act_low"]), np.array(payload["act_high"]))
-    assert abs(100 * success - payload["summary"]["last_normalized_score"]) < 1e-6, "re-evaluation differs from the run"
-    return distance
+    scores = {"runs": np.asarray(runs, dtype=float)[:, None]}  # (runs, 1 task)
+    aggregate = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
+    points, intervals = rly.get_interval_estimates(scores, aggregate, reps=2000, confidence_interval_size=0.95)
+    return {name: (points["runs"][i], intervals["runs"][0, i], intervals["runs"][1, i])
+            for i, name in enumerate(("iqm", "mean"))}
 
 
 def summarize(runs_dir: Path):
-    """One row per (--exp-name, mode) among the finished runs in runs_dir: the table's two rows use the default
-    exp name; runs given another --exp-name (the ablations) get a row of their own, labelled by it."""
+    """One row per (dataset, --exp-name, mode) among the finished runs in runs_dir: IQM [95% CI] and mean [95% CI] of
+    the final normalised score (the last evaluation, --eval-episodes episodes) and of the best evaluation during
+    training, the per-run final scores, the mean closest approach to the goal and steps/s."""
     rows = {}
     for path in sorted(runs_dir.glob("*/opal_cql.pt")):
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not payload.get("finished"):
-            continue
-        key = (payload["args"]["exp_name"], payload["primitives"])
-        rows.setdefault(key, []).append({**payload["summary"], "distance": closest_goal_distance(path)})
-    spread = lambda values, digits=1: (f"{statistics.mean(values):.{digits}f} ± "
-                                       f"{statistics.stdev(values) if len(values) > 1 else 0:.{digits}f}")
-    print("| method | seeds | normalized score, last (100 episodes) | best of all evaluations "
-          "| closest distance to goal, last | steps/s (1 thread) |")
-    print("|---|---|---|---|---|---|")
-    ordered = sorted(rows, key=lambda key: (key[0] != "opal_cql", key[0], key[1] == "opal"))
-    for exp_name, mode in ordered:
-        summaries = rows[(exp_name, mode)]
-        label = "CQL" if mode == "none" else "CQL+OPAL"
-        label += "" if exp_name == "opal_cql" else f", {exp_name}"
-        column = lambda key: [summary[key] for summary in summaries]
-        print(f"| {label} | {len(summaries)} | {spread(column('last_normalized_score'))} | "
-              f"{spread(column('best_normalized_score'))} | {spread(column('distance'), 2)} | "
-              f"{statistics.mean(column('sps')):.0f} |")
+        if payload.get("finished"):
+            key = (payload["dataset_id"], payload["args"]["exp_name"], payload["primitives"])
+            rows.setdefault(key, []).append(payload["summary"])
+    np.random.seed(0)  # the bootstrap's resampling: the same table every time
+    print("| dataset | method | runs | final score, IQM [95% CI] | final, mean [95% CI] | best during training, "
+          "IQM [95% CI] | final score per run | closest distance to goal, final | steps/s (1 thread) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    cell = lambda estimate: f"{estimate[0]:.1f} [{estimate[1]:.1f}, {estimate[2]:.1f}]"
+    for dataset_id, exp_name, mode in sorted(rows, key=lambda key: (key[0], key[1] != "opal_cql", key[1], key[2] == "opal")):
+        summaries = rows[(dataset_id, exp_name, mode)]
+        final = [summary["last_normalized_score"] for summary in summaries]
+        best = [summary["best_normalized_score"] for summary in summaries]
+        final_estimates, best_estimates = interval_estimates(final), interval_estimates(best)
+        label = ("CQL" if mode == "none" else "CQL+OPAL") + ("" if exp_name == "opal_cql" else f", {exp_name}")
+        distance = np.mean([summary.get("last_closest_goal_distance", np.nan) for summary in summaries])
+        print(f"| {dataset_id} | {label} | {len(summaries)} | {cell(final_estimates['iqm'])} | "
+              f"{cell(final_estimates['mean'])} | {cell(best_estimates['iqm'])} | "
+              f"{', '.join(f'{score:.0f}' for score in final)} | {distance:.2f} | "
+              f"{np.mean([summary['sps'] for summary in summaries]):.0f} |")
 
 
 if __name__ == "__main__":

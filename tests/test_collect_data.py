@@ -1,0 +1,69 @@
+"""collect_data.py: the datasets it makes pass Minari's maze checks, demonstrations reach the goal, refusals."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import minari
+import numpy as np
+
+from conftest import ROOT, run_script
+
+
+def test_pointmaze_dataset_passes_minaris_maze_checks(datasets):
+    dataset = minari.load_dataset(datasets["pointmaze"])
+    assert dataset.total_steps == 3000 and dataset.total_episodes == 6
+    for episode in dataset.iterate_episodes():
+        steps = len(episode.actions)
+        assert episode.actions.shape == (steps, 2) and episode.rewards.shape == (steps,)
+        assert episode.observations["observation"].shape == (steps + 1, 4)
+        assert episode.infos["qpos"].shape == (steps + 1, 2) and episode.infos["qvel"].shape == (steps + 1, 2)
+        assert episode.infos["qpos"].std(0).min() > 0  # the ball moves
+        jumps = np.linalg.norm(np.diff(episode.observations["achieved_goal"], axis=0), axis=1)
+        assert jumps.max() < 0.5
+        assert not np.allclose(episode.actions[0], episode.actions[-1])
+        np.testing.assert_allclose(episode.infos["qpos"], episode.observations["achieved_goal"], atol=1e-9)
+    # the undirected data reaches many goals: a new random goal is drawn whenever one is reached
+    goals = np.concatenate([e.infos["goal"] for e in dataset.iterate_episodes()])
+    assert len(np.unique(goals.round(3), axis=0)) >= 6
+    eval_env = dataset.recover_environment(eval_env=True)
+    maze_map = eval_env.unwrapped.maze.maze_map
+    assert maze_map[1][1] == "r" and maze_map[7][9] == "g"  # D4RL's large evaluation task
+
+
+def test_expert_demonstrations_reach_the_evaluation_goal(datasets):
+    dataset = minari.load_dataset(datasets["pointmaze-expert"])
+    for episode in dataset.iterate_episodes():
+        assert episode.terminations[-1] and episode.infos["success"][-1]
+        assert np.linalg.norm(episode.observations["achieved_goal"][0] - [-4.5, 3.0]) < 0.5  # starts in cell (1, 1)
+
+
+def test_generation_into_an_existing_id_is_refused(sandbox, datasets):
+    result = run_script(sandbox, "collect_data.py", "--env", "pointmaze-large", "--steps", 100,
+                        "--dataset-id", datasets["pointmaze"])
+    assert result.returncode != 0 and "already exists" in result.stderr
+
+
+def test_unwritable_store_gets_a_clear_message(sandbox, tmp_path):
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    env = {**sandbox["env"], "MINARI_DATASETS_PATH": str(blocked / "store")}
+    result = subprocess.run([sys.executable, str(ROOT / "collect_data.py"), "--steps", "50"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "Cannot write to the Minari store" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_interrupted_generation_leaves_no_dataset(sandbox):
+    command = [sys.executable, str(ROOT / "collect_data.py"), "--env", "pointmaze-medium",
+               "--steps", "2000000", "--dataset-id", "test/interrupted-v0"]
+    process = subprocess.Popen(command, env=sandbox["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # well inside the collection of 2M steps
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    store = Path(sandbox["env"]["MINARI_DATASETS_PATH"])
+    assert process.returncode != 0
+    assert not (store / "test" / "interrupted-v0").exists()
+    assert not list(store.glob(".staging-*"))
