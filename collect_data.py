@@ -29,16 +29,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import farama_notifications
 import gymnasium as gym
-import gymnasium_robotics
 import minari
 import numpy as np
 import tyro
-from gymnasium_robotics.envs.maze import maps
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
+# --- shared: quiet_robotics_import ---
+# gymnasium-robotics prints a notice about its Adroit reward functions on import; no OPAL script uses Adroit
+ROBOTICS_NOTICES = farama_notifications.notifications.get("gymnasium_robotics", {})
+for version in [version for version, notice in ROBOTICS_NOTICES.items() if notice.startswith("AdroitHand")]:
+    del ROBOTICS_NOTICES[version]
+import gymnasium_robotics  # noqa: E402
+
 gym.register_envs(gymnasium_robotics)
+# --- end shared ---
+from gymnasium_robotics.envs.maze import maps  # noqa: E402
 
 
 @dataclass
