@@ -11,6 +11,7 @@ Run:  python analysis/pointmaze_table.py --vae-ckpt runs/<opal_vae run>/opal_vae
 (the `=` form is needed because the value itself starts with `--`)
 """
 
+import json
 import os
 import shlex
 import subprocess
@@ -40,7 +41,11 @@ class Args:
     parallel: int = 2
     """runs at a time (each with one torch thread)"""
     summarize_only: bool = False
-    """only print the table of the runs already in --runs-dir"""
+    """only print the table of the runs already in --runs-dir (and --records)"""
+    records: Optional[str] = None
+    """a JSON-lines file of finished runs to include in the table (results/*.jsonl)"""
+    save_records: bool = False
+    """write every finished run in the table to --records (one JSON line per run), so the table survives the runs"""
     cql_args: str = ("--env pointmaze-large --total-steps 15000 --hidden-dim 128 --critic-layers 3 --policy-layers 3 "
                      "--eval-every 2500 --eval-episodes 100 --eval-episodes-during 20")
     """flags passed to every opal_cql.py run (one quoted string)"""
@@ -58,16 +63,30 @@ def interval_estimates(runs: list) -> dict:
             for i, name in enumerate(("iqm", "mean"))}
 
 
-def summarize(runs_dir: Path):
-    """One row per (dataset, --exp-name, mode) among the finished runs in runs_dir: IQM [95% CI] and mean [95% CI] of
-    the final normalised score (the last evaluation, --eval-episodes episodes) and of the best evaluation during
-    training, the per-run final scores, the mean closest approach to the goal and steps/s."""
-    rows = {}
+def finished_runs(runs_dir: Path, records: Optional[Path]) -> dict:
+    """{run name: record} of the finished runs: opal_cql.pt files under runs_dir, and the lines of a records file
+    (JSON lines written by --save-records), so that results outlive the checkpoints they came from."""
+    runs = {}
+    if records is not None and records.exists():
+        runs.update({record["run"]: record for record in map(json.loads, records.read_text().splitlines())})
     for path in sorted(runs_dir.glob("*/opal_cql.pt")):
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("finished"):
-            key = (payload["dataset_id"], payload["args"]["exp_name"], payload["primitives"])
-            rows.setdefault(key, []).append(payload["summary"])
+            runs[path.parent.name] = {"run": path.parent.name, "dataset_id": payload["dataset_id"],
+                                      "primitives": payload["primitives"], "seed": payload.get("seed"),
+                                      "args": payload["args"], "summary": payload["summary"],
+                                      "versions": payload.get("versions")}
+    return runs
+
+
+def summarize(runs: dict):
+    """One row per (dataset, --exp-name, mode) among the finished runs: IQM [95% CI] and mean [95% CI] of the final
+    normalised score (the last evaluation, --eval-episodes episodes) and of the best evaluation during training,
+    the per-run final scores, the mean closest approach to the goal and steps/s."""
+    rows = {}
+    for record in runs.values():
+        key = (record["dataset_id"], record["args"]["exp_name"], record["primitives"])
+        rows.setdefault(key, []).append(record["summary"])
     np.random.seed(0)  # the bootstrap's resampling: the same table every time
     print("| dataset | method | runs | final score, IQM [95% CI] | final, mean [95% CI] | best during training, "
           "IQM [95% CI] | final score per run | closest distance to goal, final | steps/s (1 thread) |")
@@ -114,4 +133,11 @@ if __name__ == "__main__":
                 if process.returncode != 0:
                     print(f"a run failed (exit {process.returncode}): {' '.join(process.args[1:])}", flush=True)
         print(f"all runs done in {(time.time() - start) / 60:.0f} min")
-    summarize(runs_dir)
+    records = Path(args.records) if args.records else None
+    runs = finished_runs(runs_dir, records)
+    if args.save_records:
+        if records is None:
+            raise SystemExit("error: --save-records needs --records FILE")
+        records.parent.mkdir(parents=True, exist_ok=True)
+        records.write_text("".join(json.dumps(record) + "\n" for _, record in sorted(runs.items())))
+    summarize(runs)

@@ -47,3 +47,13 @@ def test_pointmaze_table_reports_iqm_and_intervals_by_hand(sandbox, tmp_path):
     assert iqm == 20.0 and 0.0 <= low <= iqm <= high <= 100.0 and high > low
     assert cells[4].startswith("32.0 [") and cells[5].startswith("70.0 [")
     assert cells[6] == "0, 10, 20, 30, 100"
+    # the records file keeps the table when the checkpoints are gone
+    records = tmp_path / "records.jsonl"
+    saved = run_script(sandbox, "analysis/pointmaze_table.py", "--summarize-only", "--runs-dir", tmp_path,
+                       "--records", records, "--save-records")
+    assert saved.returncode == 0 and len(records.read_text().splitlines()) == 5
+    for path in tmp_path.glob("*/opal_cql.pt"):
+        path.unlink()
+    again = run_script(sandbox, "analysis/pointmaze_table.py", "--summarize-only", "--runs-dir", tmp_path,
+                       "--records", records)
+    assert [l for l in again.stdout.splitlines() if l.startswith("| opal/")] == row
