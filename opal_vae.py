@@ -516,7 +516,7 @@ def open_run(args, config: dict, resumed_dir=None):
 
 
 def stop_if_not_finite(values: dict, where: str, checkpoint_path: Path, writer):
-    """A NaN or inf stops the run. Checkpoints are only written from finite parameters (see non_finite_module),
+    """A NaN or inf stops the run. Checkpoints are only written from finite parameters (stop_if_not_finite_module),
     so the file on disk stays the last good one."""
     for name, value in values.items():
         if not math.isfinite(value):
