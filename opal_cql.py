@@ -133,7 +133,8 @@ class Args:
     critic_lr: float = 3e-4
     """Adam learning rate of the critics (CORL)"""
     hidden_dim: Optional[int] = None
-    """width of the task policy's and critics' hidden layers; default 256 for D4RL aliases (CORL), 128 otherwise (ours)"""
+    """width of the task policy's and critics' hidden layers; default 256 for D4RL aliases (CORL),
+    128 otherwise (ours)"""
     policy_layers: int = 3
     """hidden layers of the task policy (CORL)"""
     critic_layers: Optional[int] = None
@@ -447,7 +448,8 @@ class CQL:
             q = self.critics(torch.cat([s, s_n, s_n, s_n]), torch.cat([choice, uniform, from_policy, from_next]))
         q_data, q_uniform, q_policy, q_next = q.split([B, B * n, B * n, B * n], dim=1)  # (2, B), 3 x (2, B n)
         td_loss = 0.5 * ((q_data - target) ** 2).mean(1).sum()  # Σ_i ½ E[(Q_i(s, c) - y)²]
-        # CQL(H) with importance sampling (Kumar et al. 2020, App. F): logsumexp_c Q(s, c) ≈ log Σ_j e^{Q(s,c_j) - log μ(c_j)}
+        # CQL(H) with importance sampling (Kumar et al. 2020, App. F):
+        # logsumexp_c Q(s, c) ≈ log Σ_j exp(Q(s, c_j) - log μ(c_j)) over the 3n proposals
         weighted = torch.cat([(q_uniform - self.log_uniform_density).view(2, B, n),
                               (q_policy - log_mu_policy).view(2, B, n), (q_next - log_mu_next).view(2, B, n)], -1)
         gap = (torch.logsumexp(weighted, -1) - q_data).mean(1)  # (2,): E_s[logsumexp Q] - E_data[Q] per critic
@@ -712,9 +714,10 @@ def load_upstream(path, script: str, allow_unfinished: bool, **expected) -> dict
     payload = load_checkpoint(path, script)
     if not payload.get("finished") and not allow_unfinished:
         run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
-        fail(f"{path} is from a {script}.py run that did not finish: it stopped in its {payload.get('phase', 'training')} "
-             f"phase at step {payload.get('step')}, so the rest of its training never ran. Finish it with "
-             f"`python {script}.py --resume {run_dir}`, or pass --allow-unfinished to use it as it is.")
+        fail(f"{path} comes from a run of {script}.py that did not finish: it stopped in its "
+             f"{payload.get('phase', 'training')} phase at step {payload.get('step')}, so the rest of its training "
+             f"never ran. Finish it with `python {script}.py --resume {run_dir}`, or pass --allow-unfinished to use "
+             "it as it is.")
     check_checkpoint(payload, path, **expected)
     return payload
 # --- end shared ---
@@ -796,7 +799,8 @@ class Loop:
 
     def __init__(self, phase, first, last, args, writer, summary, save, checkpoint_path, stop_requested, show=(),
                  desc=None, prefix="", log_offset=0, optimizer=None):
-        self.phase, self.first, self.last, self.args, self.writer, self.summary = phase, first, last, args, writer, summary
+        self.phase, self.first, self.last, self.args = phase, first, last, args
+        self.writer, self.summary = writer, summary
         self.save, self.checkpoint_path, self.stop_requested, self.show = save, checkpoint_path, stop_requested, show
         self.desc, self.prefix, self.log_offset, self.optimizer = desc or phase, prefix, log_offset, optimizer
         self.sums, self.logged_step = None, first - 1
@@ -822,7 +826,8 @@ class Loop:
                 self.writer.add_scalar(f"losses/{name}", value, self.log_offset + step)
             self.writer.add_scalar("charts/SPS", sps, self.log_offset + step)
             if self.optimizer is not None:
-                self.writer.add_scalar("charts/learning_rate", self.optimizer.param_groups[0]["lr"], self.log_offset + step)
+                learning_rate = self.optimizer.param_groups[0]["lr"]
+                self.writer.add_scalar("charts/learning_rate", learning_rate, self.log_offset + step)
             self.progress.set_postfix({**{name: f"{means[name]:.3f}" for name in self.show}, "sps": f"{sps:.0f}"})
             self.summary.update(means, **{f"{self.prefix}steps": step, f"{self.prefix}sps": sps})
         if save_now:

@@ -110,7 +110,8 @@ class Args:
     """latents drawn from the prior per start state in primitives.png"""
 
     def __post_init__(self):
-        for name in ("c", "latent_dim", "batch_size", "hidden_dim", "gru_layers", "save_every", "log_every", "num_steps"):
+        for name in ("c", "latent_dim", "batch_size", "hidden_dim", "gru_layers", "save_every", "log_every",
+                     "num_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.bc_steps is not None and self.bc_steps < 0:
@@ -457,9 +458,10 @@ def load_upstream(path, script: str, allow_unfinished: bool, **expected) -> dict
     payload = load_checkpoint(path, script)
     if not payload.get("finished") and not allow_unfinished:
         run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
-        fail(f"{path} is from a {script}.py run that did not finish: it stopped in its {payload.get('phase', 'training')} "
-             f"phase at step {payload.get('step')}, so the rest of its training never ran. Finish it with "
-             f"`python {script}.py --resume {run_dir}`, or pass --allow-unfinished to use it as it is.")
+        fail(f"{path} comes from a run of {script}.py that did not finish: it stopped in its "
+             f"{payload.get('phase', 'training')} phase at step {payload.get('step')}, so the rest of its training "
+             f"never ran. Finish it with `python {script}.py --resume {run_dir}`, or pass --allow-unfinished to use "
+             "it as it is.")
     check_checkpoint(payload, path, **expected)
     return payload
 # --- end shared ---
@@ -541,7 +543,8 @@ class Loop:
 
     def __init__(self, phase, first, last, args, writer, summary, save, checkpoint_path, stop_requested, show=(),
                  desc=None, prefix="", log_offset=0, optimizer=None):
-        self.phase, self.first, self.last, self.args, self.writer, self.summary = phase, first, last, args, writer, summary
+        self.phase, self.first, self.last, self.args = phase, first, last, args
+        self.writer, self.summary = writer, summary
         self.save, self.checkpoint_path, self.stop_requested, self.show = save, checkpoint_path, stop_requested, show
         self.desc, self.prefix, self.log_offset, self.optimizer = desc or phase, prefix, log_offset, optimizer
         self.sums, self.logged_step = None, first - 1
@@ -567,7 +570,8 @@ class Loop:
                 self.writer.add_scalar(f"losses/{name}", value, self.log_offset + step)
             self.writer.add_scalar("charts/SPS", sps, self.log_offset + step)
             if self.optimizer is not None:
-                self.writer.add_scalar("charts/learning_rate", self.optimizer.param_groups[0]["lr"], self.log_offset + step)
+                learning_rate = self.optimizer.param_groups[0]["lr"]
+                self.writer.add_scalar("charts/learning_rate", learning_rate, self.log_offset + step)
             self.progress.set_postfix({**{name: f"{means[name]:.3f}" for name in self.show}, "sps": f"{sps:.0f}"})
             self.summary.update(means, **{f"{self.prefix}steps": step, f"{self.prefix}sps": sps})
         if save_now:
@@ -768,8 +772,8 @@ if __name__ == "__main__":
     # Phase 1, Eq. (1): the β-VAE, encoder, prior and primitive policy trained jointly
     vae_loss = torch.compile(beta_vae_loss) if args.compile else beta_vae_loss
     loop = Loop("β-VAE", first_step if phase == "vae" else num_steps + 1, num_steps, args, writer, summary,
-                lambda step: checkpoint("vae", step), checkpoint_path, stop_requested, show=("reconstruction_nll", "kl"),
-                prefix="vae_", optimizer=optimizer)
+                lambda step: checkpoint("vae", step), checkpoint_path, stop_requested,
+                show=("reconstruction_nll", "kl"), prefix="vae_", optimizer=optimizer)
     for step in loop:
         rows = window_rows(starts, torch.randint(len(starts), (batch_size,), device=device, generator=sampler))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
