@@ -71,7 +71,8 @@ def vae_update(data, starts, obs_dim, act_dim, batch_size, fused, bf16, compiled
     """One β-VAE step exactly as opal_vae.py's loop does it (gather, loss, backward, Adam); `compiled` compiles the
     loss as opal_vae.py --compile does."""
     torch.manual_seed(0)
-    encoder, prior, policy = ov.Encoder(obs_dim, act_dim, 8), ov.Prior(obs_dim, 8), ov.PrimitivePolicy(obs_dim, act_dim, 8)
+    encoder = ov.Encoder(obs_dim, act_dim, 8, gru=ov.BidirectionalGRU)  # as opal_vae.py trains it
+    prior, policy = ov.Prior(obs_dim, 8), ov.PrimitivePolicy(obs_dim, act_dim, 8)
     for module in (encoder, prior, policy):
         module.normalize.fit(data["observations"])
     parameters = [*encoder.parameters(), *prior.parameters(), *policy.parameters()]
