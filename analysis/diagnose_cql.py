@@ -78,19 +78,35 @@ if __name__ == "__main__":
         layout, low, high = payload["obs_layout"], np.array(payload["act_low"]), np.array(payload["act_high"])
         print(f"== {path} (step {payload['step']})")
 
-        # 1 and 2: rollouts, box fractions, deterministic versus sampled choice
+        # 1 and 2: rollouts, box fractions, deterministic versus sampled choice; the same 10 rollouts collect, for
+        # check 5, Q at the first decision and the return Σ_j Γ_j R_j under the run's reward transform and backup
+        # discount until the goal is reached, and, for check 6, the states and latents of every decision before it
+        gamma, rule = saved["gamma"], saved.get("high_level_discount", "window")
         envs = oc.make_eval_envs(dataset, 10)
         obs, _ = envs.reset(seed=[saved["seed"] + 10_000 + i for i in range(10)])
-        largest_fraction = 0.0
+        largest_fraction, q_first, chosen_states, chosen_latents = 0.0, None, [], []
+        running, reached = np.ones(10, dtype=bool), np.zeros(10, dtype=bool)
+        returns, weight = np.zeros(10), np.ones(10)  # Σ over decisions of Γ_j R_j, and Γ_j
         with torch.no_grad():
             for _ in range(envs.envs[0].spec.max_episode_steps // c):
                 states = torch.as_tensor(oc.flatten_observation(obs, layout))
                 choice, _ = task_policy(states, deterministic=True)
                 fraction = ((choice - task_policy.center) / task_policy.half_range).abs().max()
                 largest_fraction = max(largest_fraction, float(fraction))
-                for _ in range(c):
+                chosen_states.append(states[torch.as_tensor(running)])
+                chosen_latents.append(choice[torch.as_tensor(running)])
+                if q_first is None:
+                    q_first = critics(states, choice).min(0).values.numpy()
+                window_return = np.zeros(10)
+                for t in range(c):
                     action, _ = primitive_policy(torch.as_tensor(oc.flatten_observation(obs, layout)), choice)
-                    obs, *_ = envs.step(np.clip(action.numpy(), low, high))
+                    obs, _, terminated, truncated, info = envs.step(np.clip(action.numpy(), low, high))
+                    success = np.asarray(info.get("success", np.zeros(10, dtype=bool)), dtype=bool)
+                    window_return += running * gamma ** t * (saved["reward_scale"] * success + saved["reward_bias"])
+                    reached |= success & running
+                    running &= ~(success | terminated | truncated)  # the relabelled task ends at the goal
+                returns += weight * window_return
+                weight *= gamma ** (c if rule == "window" else 1)
         ends = np.round(obs["achieved_goal"], 2).tolist() if isinstance(obs, dict) else "n/a"
         print(f"  1. largest |choice − centre| / half-width along 10 rollouts: {largest_fraction:.2f}; end points {ends}")
         for name, policy in (("tanh of the mean", task_policy), ("sampled z", SampledChoice(task_policy))):
@@ -139,35 +155,7 @@ if __name__ == "__main__":
             for i in picks:
                 print(f"     {series[tags[0]][i].step:>7}  " + "  ".join(f"{series[tag][i].value:11.2f}" for tag in tags))
 
-        # 5: Q at the first decision against the Monte-Carlo return of executing the policy
-        gamma, rule = saved["gamma"], saved.get("high_level_discount", "window")
-        envs = oc.make_eval_envs(dataset, 10)
-        obs, _ = envs.reset(seed=[saved["seed"] + 10_000 + i for i in range(10)])
-        running, reached, q_first = np.ones(10, dtype=bool), np.zeros(10, dtype=bool), None
-        returns, weight = np.zeros(10), np.ones(10)  # Σ over decisions of Γ_j R_j, and Γ_j
-        chosen_states, chosen_latents = [], []
-        with torch.no_grad():
-            for decision in range(envs.envs[0].spec.max_episode_steps // c):
-                states = torch.as_tensor(oc.flatten_observation(obs, layout))
-                choice, _ = task_policy(states, deterministic=True)
-                chosen_states.append(states[torch.as_tensor(running)])
-                chosen_latents.append(choice[torch.as_tensor(running)])
-                if q_first is None:
-                    q_first = critics(states, choice).min(0).values.numpy()
-                window_return = np.zeros(10)
-                for t in range(c):
-                    action, _ = primitive_policy(torch.as_tensor(oc.flatten_observation(obs, layout)), choice)
-                    obs, reward, terminated, truncated, info = envs.step(np.clip(action.numpy(), low, high))
-                    success = np.asarray(info.get("success", np.zeros(10, dtype=bool)), dtype=bool)
-                    shaped = saved["reward_scale"] * success + saved["reward_bias"]
-                    window_return += running * gamma ** t * shaped
-                    reached |= success & running
-                    running &= ~(success | terminated | truncated)  # the relabelled task ends at the goal
-                returns += weight * window_return
-                weight *= gamma ** (c if rule == "window" else 1)
-                if not running.any():
-                    break
-        envs.close()
+        # 5: Q at the first decision against the Monte-Carlo return of executing the policy (collected in 1)
         print(f"  5. Q(s_0, z_π) at the first decision {q_first.mean():8.1f}; Monte-Carlo return of executing π "
               f"{returns.mean():8.1f} (episodes that reach the goal: {int(reached.sum())} of 10, their return "
               f"{returns[reached].mean() if reached.any() else float('nan'):.1f}; others {returns[~reached].mean() if (~reached).any() else float('nan'):.1f}, truncated)")
