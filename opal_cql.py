@@ -903,7 +903,8 @@ class Evaluator:
 
     def __init__(self, dataset, layout, c, num_envs, writer, summary):
         self.dataset, self.layout, self.c, self.writer, self.summary = dataset, layout, c, writer, summary
-        self.envs, self.eval_env = make_eval_envs(dataset, num_envs), dataset.recover_environment(eval_env=True)
+        self.envs = make_eval_envs(dataset, num_envs)
+        self.eval_env = self.envs.envs[0]  # for normalized_score: a maze or not, the dataset's reference scores
         self.act_low, self.act_high = dataset.action_space.low, dataset.action_space.high
 
     def __call__(self, task_policy, primitive_policy, step, episodes, seed):
