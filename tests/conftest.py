@@ -23,6 +23,7 @@ def sandbox(tmp_path_factory):
         WANDB_MODE="disabled",
         MUJOCO_GL="egl",
         PYTHONWARNINGS="ignore",
+        PYTHONUNBUFFERED="1",  # a child's progress lines reach the tests that wait for them as they are printed
     )
     (base / "tmp").mkdir()
     for key in ("MINARI_DATASETS_PATH", "TMPDIR", "HF_HUB_OFFLINE", "WANDB_MODE"):
@@ -64,3 +65,11 @@ def vae_checkpoints(sandbox, datasets):
         line = [l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1]
         checkpoints[family] = Path(line.split("checkpoint: ", 1)[1])
     return checkpoints
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that run a script in a subprocess (they use the `sandbox` fixture) are marked `script`; the rest run
+    in-process in seconds, and `-m "not script"` selects them (tests/mutation_check.py does)."""
+    for item in items:
+        if "sandbox" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.script)

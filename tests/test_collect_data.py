@@ -8,6 +8,7 @@ from pathlib import Path
 
 import minari
 import numpy as np
+import pytest
 
 from conftest import ROOT, run_script
 
@@ -56,14 +57,40 @@ def test_unwritable_store_gets_a_clear_message(sandbox, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_interrupted_generation_leaves_no_dataset(sandbox):
+@pytest.mark.parametrize("interrupted_in", ["create_dataset_from_buffers", "verify"])
+def test_interrupted_write_leaves_no_dataset(sandbox, tmp_path, monkeypatch, interrupted_in):
+    """A signal that lands while the dataset is being written (SIGTERM raises SystemExit(143) in the script, Ctrl-C
+    KeyboardInterrupt) leaves neither a dataset nor its staging folder: interrupted inside Minari's write, after the
+    files exist, and inside the verification that follows it."""
+    import collect_data
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
+    args = collect_data.Args(env="pointmaze-umaze", kind="random", steps=40, episode_length=20)
+    buffers, data_env, eval_env = collect_data.collect(args)
+    reached = []
+
+    def interrupt_after(function):
+        def wrapper(*arguments, **keywords):
+            function(*arguments, **keywords)
+            reached.append(sorted(p.name for p in (tmp_path / "store").iterdir()))  # what exists at the signal
+            raise SystemExit(143)
+        return wrapper
+
+    target = collect_data.minari if interrupted_in == "create_dataset_from_buffers" else collect_data
+    monkeypatch.setattr(target, interrupted_in, interrupt_after(getattr(target, interrupted_in)))
+    with pytest.raises(SystemExit):
+        collect_data.write_dataset(args, "test/interrupted-v0", buffers, data_env, eval_env)
+    assert reached and reached[0][0].startswith(".staging-")  # the signal came while the staging copy existed
+    assert list((tmp_path / "store").iterdir()) == []  # nothing left: no dataset, no staging folder
+
+
+def test_sigterm_during_collection_exits_with_143_and_no_traceback(sandbox):
     command = [sys.executable, str(ROOT / "collect_data.py"), "--env", "pointmaze-medium",
                "--steps", "2000000", "--dataset-id", "test/interrupted-v0"]
     process = subprocess.Popen(command, env=sandbox["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # well inside the collection of 2M steps
+    time.sleep(8)  # imports done, well inside the collection of 2M steps
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
+    _, stderr = process.communicate(timeout=60)
     store = Path(sandbox["env"]["MINARI_DATASETS_PATH"])
-    assert process.returncode != 0
-    assert not (store / "test" / "interrupted-v0").exists()
-    assert not list(store.glob(".staging-*"))
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+    assert not (store / "test" / "interrupted-v0").exists() and not list(store.glob(".staging-*"))

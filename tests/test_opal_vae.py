@@ -22,6 +22,12 @@ def test_window_starts_by_hand():
     assert starts.tolist() == [4, 5, 6, 17]  # the 3-step episode is skipped, the 10-step one has exactly one
 
 
+def test_window_starts_with_a_stride_by_hand():
+    # episodes of 9 and 7 steps own rows 0-9 and 10-17; c = 3, stride 2: t = 0, 2, 4, 6 (6 + 3 <= 9) and t = 0, 2, 4
+    assert ov.window_starts(torch.tensor([9, 7]), c=3, stride=2).tolist() == [0, 2, 4, 6, 10, 12, 14]
+    assert ov.window_starts(torch.tensor([9, 7]), c=3, stride=3).tolist() == [0, 3, 6, 10, 13]
+
+
 def test_window_starts_stride_and_count():
     lengths = torch.tensor([25, 9, 40, 10, 0])
     for c, stride in [(1, 1), (5, 1), (10, 1), (10, 10), (3, 4)]:
@@ -85,6 +91,68 @@ def test_beta_vae_loss_by_hand():
     assert nll.item() == pytest.approx(nll_by_hand, abs=1e-5)
     assert kl.item() == pytest.approx(kl_by_hand, abs=1e-6)
     assert loss.item() == pytest.approx(nll_by_hand + 0.1 * kl_by_hand, abs=1e-5)
+
+
+class Lambda(torch.nn.Module):
+    """A stand-in network computing `function` of its inputs, so a loss can be computed by hand."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, *inputs):
+        return self.function(*inputs)
+
+
+def normal_nll(x, mean, std):
+    return 0.5 * ((x - mean) / std) ** 2 + math.log(std) + 0.5 * math.log(2 * math.pi)
+
+
+def normal_kl(mean_q, std_q, mean_p, std_p):
+    return math.log(std_p / std_q) + (std_q ** 2 + (mean_q - mean_p) ** 2) / (2 * std_p ** 2) - 0.5
+
+
+def test_beta_vae_loss_by_hand_two_windows_two_latent_dims():
+    """Unequal variances, a 2-d latent, two windows, non-zero noise, and networks whose outputs depend on what they
+    read: q(z|τ) on s_0 and the actions, ρ(z|s_0) on the first state, π(a|s,z) on s_t and the sampled z."""
+    states = torch.tensor([[[1.0], [3.0]], [[-2.0], [0.5]]])  # (B=2, c=2, 1)
+    actions = torch.tensor([[[0.5], [-1.0]], [[2.0], [1.0]]])
+    noise = torch.tensor([[1.0, -1.0], [0.5, 2.0]])
+    log_stds = lambda *values: torch.log(torch.tensor(values))
+    # q(z|τ) = N([s_0 + a_1, a_0], diag(0.5, 2)²); ρ(z|s_0) = N([s_0, 0], diag(1, 3)²); π(a|s,z) = N(z_0 + z_1 s, 0.5²)
+    encoder = Lambda(lambda s, a: (torch.stack([s[:, 0, 0] + a[:, 1, 0], a[:, 0, 0]], -1), log_stds(0.5, 2.0).expand(len(s), 2)))
+    prior = Lambda(lambda s0: (torch.cat([s0, torch.zeros_like(s0)], -1), log_stds(1.0, 3.0).expand(len(s0), 2)))
+    policy = Lambda(lambda s, z: (z[..., :1] + z[..., 1:] * s, log_stds(0.5).expand(*s.shape[:2], 1)))
+    loss, nll, kl = ov.beta_vae_loss(encoder, prior, policy, states, actions, beta=0.1, noise=noise)
+
+    nll_by_hand, kl_by_hand = [], []
+    for b, (s, a) in enumerate(zip(states[:, :, 0].tolist(), actions[:, :, 0].tolist())):
+        mean_q, std_q = [s[0] + a[1], a[0]], [0.5, 2.0]
+        z = [mean_q[k] + std_q[k] * noise[b, k].item() for k in range(2)]  # reparameterised sample
+        nll_by_hand.append(sum(normal_nll(a[t], z[0] + z[1] * s[t], 0.5) for t in range(2)))  # summed over the window
+        kl_by_hand.append(sum(normal_kl(mean_q[k], std_q[k], [s[0], 0.0][k], [1.0, 3.0][k]) for k in range(2)))
+    assert nll.item() == pytest.approx(sum(nll_by_hand) / 2, rel=1e-5)
+    assert kl.item() == pytest.approx(sum(kl_by_hand) / 2, rel=1e-5)
+    assert loss.item() == pytest.approx((sum(nll_by_hand) + 0.1 * sum(kl_by_hand)) / 2, rel=1e-5)
+
+
+def test_gaussian_kl_by_hand_unequal_variances_several_dims():
+    mean_q, std_q, mean_p, std_p = [0.0, 2.0, -1.0], [0.5, 2.0, 1.5], [1.0, 0.0, -1.0], [1.0, 3.0, 0.5]
+    kl = ov.gaussian_kl(torch.tensor(mean_q), torch.tensor(std_q).log(), torch.tensor(mean_p), torch.tensor(std_p).log())
+    assert kl.item() == pytest.approx(sum(map(normal_kl, mean_q, std_q, mean_p, std_p)), rel=1e-5)
+    # KL is not symmetric: KL(q || p) != KL(p || q) here
+    assert kl.item() != pytest.approx(sum(map(normal_kl, mean_p, std_p, mean_q, std_q)), rel=1e-2)
+
+
+def test_primitive_bc_loss_by_hand():
+    # π(a|s,z) = N(z_0 + z_1 s_t, 0.5²) at every step t of the window; the loss sums over t, averages over windows
+    states = torch.tensor([[[1.0], [3.0], [-1.0]], [[0.0], [2.0], [4.0]]])
+    actions = torch.tensor([[[0.0], [1.0], [2.0]], [[-1.0], [0.5], [0.0]]])
+    latents = torch.tensor([[0.5, -1.0], [1.0, 0.25]])
+    policy = Lambda(lambda s, z: (z[..., :1] + z[..., 1:] * s, torch.full_like(s, math.log(0.5))))
+    by_hand = [sum(normal_nll(actions[b, t, 0].item(), latents[b, 0].item() + latents[b, 1].item() * states[b, t, 0].item(),
+                              0.5) for t in range(3)) for b in range(2)]
+    assert ov.primitive_bc_loss(policy, states, actions, latents).item() == pytest.approx(sum(by_hand) / 2, rel=1e-5)
 
 
 def test_beta_vae_loss_gradients_reach_every_network():
@@ -254,7 +322,7 @@ def test_opal_vae_trains_and_writes_a_checkpoint(sandbox, datasets, family):
     assert "40 gradient steps at batch 32" in result.stdout
     losses = scalars(run_dir, "losses/vae_loss")
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0]  # the updates really ran and learned something
+    assert losses[-1] < losses[0]
     assert len(scalars(run_dir, "losses/bc_nll")) == 2 and scalars(run_dir, "charts/SPS")[-1] > 0
 
     payload = torch.load(run_dir / "opal_vae.pt", map_location="cpu", weights_only=True)
@@ -265,14 +333,26 @@ def test_opal_vae_trains_and_writes_a_checkpoint(sandbox, datasets, family):
     assert payload["obs_layout"] == (["achieved_goal", "observation"] if family == "antmaze" else ["observation"])
     assert payload["summary"]["vae_steps"] == 40 and payload["summary"]["bc_steps"] == 10
     assert payload["seed"] == 3 and set(payload["versions"]) >= {"torch", "gymnasium", "minari", "mujoco"}
+    # every gradient step was taken: Adam counts them for each parameter
+    assert {int(state["step"]) for state in payload["optimizer"]["state"].values()} == {40}
+    assert {int(state["step"]) for state in payload["bc_optimizer"]["state"].values()} == {10}
     encoder = ov.Encoder(obs_dim, act_dim, 8, 32, 2)
     encoder.load_state_dict(payload["encoder"])
     policy = ov.PrimitivePolicy(obs_dim, act_dim, 8, 32)
     policy.load_state_dict(payload["primitive_policy"])
     assert json.loads((run_dir / "config.json").read_text())["num_steps"] == 40
     if family != "kitchen":  # the maze families get the picture and the closed-loop check
-        assert (run_dir / "primitives.png").stat().st_size > 10_000
+        # the paths are in the picture, not only the walls (a tiny ant hardly moves: a few pixels beside its start)
+        assert drawn_pixels(run_dir / "primitives.png") > (200 if family == "pointmaze" else 0)
         assert payload["summary"]["rollout_xy_error"] >= 0
+
+
+def drawn_pixels(png) -> int:
+    """Pixels of a picture of the primitives in the first path colour (tab10 blue; one latent per start state)."""
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(png)[..., :3]
+    return int((np.abs(rgb - np.array([0.122, 0.467, 0.706])).max(-1) < 0.08).sum())
 
 
 def test_same_seed_same_losses(sandbox, datasets):
@@ -284,14 +364,15 @@ def test_same_seed_same_losses(sandbox, datasets):
     assert first_losses != scalars(run_dir_of(other), "losses/vae_loss")
 
 
-def test_missing_pointmaze_dataset_is_generated(sandbox, tmp_path):
+def test_missing_pointmaze_dataset_is_generated(sandbox, tmp_path, monkeypatch):
     env = {**sandbox["env"], "MINARI_DATASETS_PATH": str(tmp_path / "empty-store")}
     local = {**sandbox, "env": env}
     # the umaze alias is not in this store yet: the script makes it (1M steps take ~1 minute), then trains
     result = run_vae(local, "--env", "pointmaze-umaze", "--num-steps", 5, "--bc-steps", 0, "--picture-latents", 1)
     assert "is not in the local Minari store: generating it" in result.stdout
-    assert minari.load_dataset  # the dataset now exists in that store
-    assert (tmp_path / "empty-store" / "opal" / "pointmaze-umaze-diverse-v0" / "data").is_dir()
+    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.setenv("MINARI_DATASETS_PATH", env["MINARI_DATASETS_PATH"])  # the dataset now exists in that store
+    assert minari.load_dataset("opal/pointmaze-umaze-diverse-v0").total_steps == 1_000_000
 
 
 # --- bad input: one clear paragraph, exit code != 0, no traceback, nothing half-written ---
@@ -323,8 +404,13 @@ def test_episodes_shorter_than_c(sandbox, datasets):
 
 
 @pytest.mark.parametrize("flag,value", [("--c", 0), ("--latent-dim", 0), ("--num-steps", -5), ("--batch-size", 0)])
-def test_bad_numbers(sandbox, flag, value):
-    assert_clean_failure(run_vae(sandbox, flag, value, expect_success=False), f"{flag} must be")
+def test_bad_numbers(flag, value):
+    with pytest.raises(SystemExit, match=f"{flag} must be"):
+        ov.Args(**{flag[2:].replace("-", "_"): value})
+
+
+def test_a_bad_number_on_the_command_line(sandbox):
+    assert_clean_failure(run_vae(sandbox, "--c", 0, expect_success=False), "--c must be")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sandbox, datasets):
@@ -392,3 +478,61 @@ def test_only_the_known_adroit_notice_is_silenced(sandbox):
             "sys.argv = ['opal_vae.py', '--help']; runpy.run_path('opal_vae.py', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=sandbox["env"], capture_output=True, text=True)
     assert "another notice" in result.stderr and "usage:" in result.stdout
+
+
+def test_vae_learns_primitives_that_reconstruct_the_windows():
+    """Learning, not just running: windows whose c actions repeat one of four skills (a direction in 2-d, with a
+    little noise). After 300 Adam steps on the β-VAE loss the primitive policy, driven by the encoder's z, reproduces
+    the windows' actions far better than untrained, and the KL term is finite and positive."""
+    torch.manual_seed(0)
+    skills = torch.tensor([[0.6, 0.0], [-0.6, 0.0], [0.0, 0.6], [0.0, -0.6]])
+    chosen = torch.randint(4, (1024,))
+    states = torch.randn(1024, 4, 3)
+    actions = skills[chosen][:, None, :].expand(-1, 4, -1) + 0.02 * torch.randn(1024, 4, 2)
+    encoder, prior, policy = ov.Encoder(3, 2, 2, 32, 1), ov.Prior(3, 2, 32), ov.PrimitivePolicy(3, 2, 2, 32)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *prior.parameters(), *policy.parameters()], lr=3e-3)
+
+    def action_error():
+        with torch.no_grad():
+            z = encoder(states, actions)[0]
+            return ((policy(states, z[:, None].expand(-1, 4, -1))[0] - actions) ** 2).mean()
+
+    untrained = action_error()
+    for _ in range(300):
+        batch = torch.randint(1024, (64,))
+        loss, _, kl = ov.beta_vae_loss(encoder, prior, policy, states[batch], actions[batch], beta=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert action_error() < 0.01 and action_error() < 0.1 * untrained and 0 < kl.item() < 100
+
+
+def test_rollout_error_replays_a_window_exactly_with_its_own_actions():
+    """The closed-loop check: from a window's first simulator state, c steps of the primitive policy driven by the
+    encoder's z must land where the data landed. Stand-ins make z the window's (constant) action and the primitive
+    policy act z, so the replay is exact; the prior's z = (1, -1), another action, misses by a measurable amount."""
+    import gymnasium as gym
+
+    env = gym.make("PointMaze_Open-v3", continuing_task=False)
+    sim, c = env.unwrapped.point_env, 5
+    obs, _ = env.reset(seed=1)
+    rows = {"observations": [], "achieved_goal": [], "qpos": [], "qvel": [], "actions": []}
+    window_actions = np.random.default_rng(0).uniform(-1, 1, (4, 2))
+    for t in range(4 * c + 1):
+        rows["observations"].append(obs["observation"]), rows["achieved_goal"].append(obs["achieved_goal"])
+        rows["qpos"].append(sim.data.qpos.copy()), rows["qvel"].append(sim.data.qvel.copy())
+        action = window_actions[min(t // c, 3)]
+        rows["actions"].append(action)
+        obs, *_ = env.step(action)
+    data = {k: torch.as_tensor(np.array(v), dtype=torch.float64 if k.startswith("q") else torch.float32)
+            for k, v in rows.items()}
+    encoder = Lambda(lambda s, a: (a.mean(1), torch.zeros(len(a), 2)))
+    prior = Lambda(lambda s0: (torch.tensor([[1.0, -1.0]]).expand(len(s0), 2), torch.zeros(len(s0), 2)))
+    policy = Lambda(lambda s, z: (z, torch.zeros_like(z)))
+    starts = torch.tensor([0, c, 2 * c, 3 * c])
+    error, prior_error, moved = ov.rollout_error(env, ["observation"], data, starts, encoder, prior, policy, c,
+                                                 windows=12, seed=3)
+    assert error < 1e-6 and prior_error > 0.05
+    chosen = starts[torch.randint(4, (12,), generator=torch.Generator().manual_seed(3))]
+    by_hand = np.mean([np.linalg.norm(rows["achieved_goal"][s + c] - rows["achieved_goal"][s]) for s in chosen.tolist()])
+    assert moved == pytest.approx(by_hand, rel=1e-5)
