@@ -136,6 +136,12 @@ MUTANTS = [
     ("critics-one-layer-less", "widths = [obs_dim + act_dim] + [hidden_dim] * layers",
      "widths = [obs_dim + act_dim] + [hidden_dim] * (layers - 1)"),
     # --- opal_cql.py: the CQL update ---
+    ("cql-normalisers-not-fitted", "            module.normalize.fit(all_states)\n        self.target_critics = copy.deepcopy(self.critics)",
+     "            pass\n        self.target_critics = copy.deepcopy(self.critics)"),
+    ("cql-alpha-starts-at-0.1", "self.log_alpha = torch.zeros((), device=device, requires_grad=True)",
+     "self.log_alpha = torch.full((), -2.3, device=device, requires_grad=True)"),
+    ("cql-critic-at-policy-lr", "torch.optim.Adam(self.critics.parameters(), lr=args.critic_lr, fused=True)",
+     "torch.optim.Adam(self.critics.parameters(), lr=args.policy_lr, fused=True)"),
     ("cql-target-max-over-critics", "next_q = self.target_critics(s_next_n, self.task_policy(s_next_n)[0]).min(0).values",
      "next_q = self.target_critics(s_next_n, self.task_policy(s_next_n)[0]).max(0).values"),
     ("cql-target-mean-over-samples", "next_q = next_q.view(B, n).max(1).values", "next_q = next_q.view(B, n).mean(1)"),
