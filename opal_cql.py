@@ -179,8 +179,9 @@ class Args:
 SUCCESS_RADIUS = 0.45  # gymnasium-robotics maze v4 success radius
 
 
-def task_rewards(data, eval_env):
-    """Per-step reward and termination of the *evaluation* task, as D4RL defines it.
+def task_rewards(data, eval_env, scale=1.0, bias=0.0):
+    """Per-step reward and termination of the *evaluation* task, as D4RL defines it; the reward comes back shaped,
+    r' = scale r + bias (CORL's antmaze shaping: 10 r - 5), the termination unshaped.
 
     Mazes: 1 when the next achieved_goal is within 0.45 of the evaluation goal cell's centre (Minari's maze
     datasets store rewards for each episode's own random goal, so we relabel); reaching it ends the episode.
@@ -188,7 +189,7 @@ def task_rewards(data, eval_env):
     """
     maze = getattr(eval_env.unwrapped, "maze", None)
     if maze is None or "achieved_goal" not in data:
-        return data["rewards"], data["terminations"]
+        return scale * data["rewards"] + bias, data["terminations"]
     goal = torch.as_tensor(np.asarray(maze.unique_goal_locations[0]), dtype=torch.float32,
                            device=data["rewards"].device)
     reached = (data["achieved_goal"] - goal).norm(dim=-1) <= SUCCESS_RADIUS
@@ -196,7 +197,7 @@ def task_rewards(data, eval_env):
     rewards[:-1] = reached[1:].float()  # r_t refers to s_{t+1}; the last row of each episode is padding
     last_rows = torch.cumsum(data["episode_lengths"] + 1, 0) - 1
     rewards[last_rows.to(rewards.device)] = 0.0
-    return rewards, rewards.clone()
+    return scale * rewards + bias, rewards
 
 
 def relabel(starts, c, rewards, dones, gamma):
@@ -977,12 +978,11 @@ if __name__ == "__main__":
     c = vae["c"] if vae is not None else 1
 
     # OPAL §4.1: relabel into high-level transitions (s_0, z, R = Σ γ^t r'_t, s_k, done), windows inside one episode
-    rewards, dones = task_rewards(data, dataset.recover_environment(eval_env=True))
+    rewards, dones = task_rewards(data, dataset.recover_environment(eval_env=True), args.reward_scale, args.reward_bias)
     starts = window_starts(data["episode_lengths"], c, stride=args.relabel_stride or c).to(device)
     if len(starts) == 0:
         fail(f"every episode of {dataset_id} is shorter than c = {c} steps; there are no windows to relabel.")
-    returns, done, next_rows, steps = relabel(starts, c, args.reward_scale * rewards + args.reward_bias, dones,
-                                              args.gamma)
+    returns, done, next_rows, steps = relabel(starts, c, rewards, dones, args.gamma)
     states, next_states = data["observations"][starts], data["observations"][next_rows]
     discounts = backup_discounts(steps, args.gamma, args.high_level_discount)
     primitive_policy, prior = None, None

@@ -55,6 +55,11 @@ def test_task_rewards_use_the_evaluation_goal():
     # r_t looks at s_{t+1}; row 2 is the padding after episode 0 (s_3 belongs to episode 1), row 5 too
     assert rewards.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert torch.equal(rewards, dones)
+    shaped, dones = oc.task_rewards(data, eval_env, scale=10.0, bias=-5.0)  # r' = 10 r - 5; the termination as is
+    assert shaped.tolist() == [5.0, -5.0, -5.0, -5.0, 5.0, -5.0] and dones.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    kitchen = {"rewards": torch.tensor([0.0, 2.0]), "terminations": torch.tensor([0.0, 1.0])}
+    shaped, dones = oc.task_rewards(kitchen, SimpleNamespace(unwrapped=SimpleNamespace()), scale=10.0, bias=-5.0)
+    assert shaped.tolist() == [-5.0, 15.0] and dones.tolist() == [0.0, 1.0]
 
 
 def test_task_rewards_success_radius_is_0_45():
