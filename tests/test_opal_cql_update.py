@@ -168,6 +168,7 @@ def test_cql_starts_as_sac_and_cql_prescribe():
                      "alpha_prime_optimizer": 2e-2}
 
 
+@pytest.mark.learning
 def test_cql_learns_a_one_step_task():
     """Learning, not just running: one-step episodes whose reward -(a - 0.8 s_0)² peaks at a state-dependent action,
     with uniformly random actions in the data. After 300 updates the deterministic policy acts near the best action

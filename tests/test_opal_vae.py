@@ -480,6 +480,7 @@ def test_only_the_known_adroit_notice_is_silenced(sandbox):
     assert "another notice" in result.stderr and "usage:" in result.stdout
 
 
+@pytest.mark.learning
 def test_vae_learns_primitives_that_reconstruct_the_windows():
     """Learning, not just running: windows whose c actions repeat one of four skills (a direction in 2-d, with a
     little noise). After 300 Adam steps on the β-VAE loss the primitive policy, driven by the encoder's z, reproduces
