@@ -208,7 +208,7 @@ def relabel(starts, c, rewards, dones, gamma):
     the step after the first termination inside the window: a window that reaches the goal ends there, it is marked
     done and its backup does not bootstrap, so what follows in the data never counts.
     """
-    rows = starts[:, None] + torch.arange(c, device=starts.device)  # (N, c)
+    rows = window_rows(starts, c)  # (N, c)
     window_dones = dones[rows] > 0
     alive = torch.cumprod(torch.cat([torch.ones_like(window_dones[:, :1]), ~window_dones[:, :-1]], 1), 1)
     discounts = gamma ** torch.arange(c, dtype=torch.float32, device=starts.device)
@@ -297,8 +297,7 @@ class Encoder(nn.Module):
 @torch.no_grad()
 def encode_windows(encoder, observations, actions, starts, c):
     """z = μ_φ(τ), the posterior mean of the length-c window starting at each row of `starts` (OPAL's relabelling)."""
-    rows = starts[:, None] + torch.arange(c, device=starts.device)  # (N, c)
-    return torch.cat([encoder(observations[r], actions[r])[0] for r in rows.split(4096)])
+    return torch.cat([encoder(observations[r], actions[r])[0] for r in window_rows(starts, c).split(4096)])
 # --- end shared ---
 
 
@@ -429,9 +428,10 @@ class CQL:
             "alpha_optimizer": torch.optim.Adam([self.log_alpha], lr=args.policy_lr),
             "alpha_prime_optimizer": torch.optim.Adam([self.log_alpha_prime], lr=args.critic_lr)}
 
-    def update(self, s, choice, reward, s_next, not_done, discount, imitate=False) -> dict:
-        """One gradient step on B transitions (s, c, R, s', 1 - done, γ_hl); returns the losses (0-d tensors)."""
+    def update(self, s, choice, reward, s_next, done, discount, step: int) -> dict:
+        """Gradient step number `step` on B transitions (s, c, R, s', done, γ_hl); returns the losses (0-d tensors)."""
         args, n, B = self.args, self.args.cql_n_actions, len(s)
+        imitate = step <= args.policy_bc_steps  # --policy-bc-steps: the first steps imitate the data's choices
         s_n, s_next_n = s.repeat_interleave(n, 0), s_next.repeat_interleave(n, 0)  # n copies of each: (B n, obs)
         with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             with torch.no_grad():  # y = R + γ_hl (1 - done) max_j min_i Q̄_i(s', c'_j),  c'_j ~ π(·|s')
@@ -440,7 +440,7 @@ class CQL:
                     next_q = next_q.view(B, n).max(1).values  # (B,)
                 else:
                     next_q = self.target_critics(s_next, self.task_policy(s_next)[0]).min(0).values
-                target = reward + not_done * discount * next_q
+                target = reward + (1 - done) * discount * next_q
             # CQL(H)'s proposal distributions μ, n samples of each per state: uniform on the box, π(·|s), π(·|s')
             uniform = self.low + (self.high - self.low) * torch.rand(B * n, len(self.low), device=s.device)
             with torch.no_grad():
@@ -627,6 +627,9 @@ def window_starts(episode_lengths: torch.Tensor, c: int, stride: int = 1) -> tor
     first_of_episode = torch.cumsum(per_episode, 0) - per_episode
     rank = torch.arange(int(per_episode.sum())) - first_of_episode[episode]
     return offsets[episode] + rank * stride
+def window_rows(starts: torch.Tensor, c: int) -> torch.Tensor:
+    """Flat rows of the c steps s_0 .. s_{c-1} of the windows starting at `starts`: (N,) -> (N, c)."""
+    return starts[:, None] + torch.arange(c, device=starts.device)
 # --- end shared ---
 
 
@@ -1040,8 +1043,8 @@ if __name__ == "__main__":
                 stop_requested, show=("q_data", "cql_gap"), desc=f"CQL ({args.primitives})")
     for step in loop:
         batch = torch.randint(len(starts), (args.batch_size,), device=device, generator=sampler)
-        losses = agent.update(states[batch], choices[batch], returns[batch], next_states[batch], 1 - done[batch],
-                              discounts[batch], imitate=step <= args.policy_bc_steps)
+        losses = agent.update(states[batch], choices[batch], returns[batch], next_states[batch], done[batch],
+                              discounts[batch], step)
         loop.end_of_step(step, losses)
         if step % args.eval_every == 0 and step < args.total_steps and args.eval_episodes_during > 0:
             evaluator(agent.task_policy, primitive_policy, step, args.eval_episodes_during, args.seed + 10_000 + step)

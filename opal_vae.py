@@ -184,8 +184,7 @@ class Encoder(nn.Module):
 @torch.no_grad()
 def encode_windows(encoder, observations, actions, starts, c):
     """z = μ_φ(τ), the posterior mean of the length-c window starting at each row of `starts` (OPAL's relabelling)."""
-    rows = starts[:, None] + torch.arange(c, device=starts.device)  # (N, c)
-    return torch.cat([encoder(observations[r], actions[r])[0] for r in rows.split(4096)])
+    return torch.cat([encoder(observations[r], actions[r])[0] for r in window_rows(starts, c).split(4096)])
 # --- end shared ---
 
 
@@ -242,6 +241,13 @@ def primitive_bc_loss(primitive_policy, states, actions, latents):
     averaged over the batch. states, actions: (B, c, ·); latents: (B, latent_dim)."""
     mean_a, log_std_a = primitive_policy(states, latents.unsqueeze(1).expand(-1, states.shape[1], -1))
     return -gaussian_log_prob(actions, mean_a, log_std_a).sum(1).mean()
+
+
+def action_mse(encoder, primitive_policy, states, actions):
+    """How well the primitives reproduce the data: mean over windows, steps and dimensions of (μ_θ(s_t, z) - a_t)²
+    with z = μ_φ(τ), the encoder's mean of each window. states, actions: (B, c, ·)."""
+    mean_a, _ = primitive_policy(states, encoder(states, actions)[0].unsqueeze(1).expand(-1, states.shape[1], -1))
+    return F.mse_loss(mean_a, actions)
 
 
 # ======================================================================================================================
@@ -370,6 +376,9 @@ def window_starts(episode_lengths: torch.Tensor, c: int, stride: int = 1) -> tor
     first_of_episode = torch.cumsum(per_episode, 0) - per_episode
     rank = torch.arange(int(per_episode.sum())) - first_of_episode[episode]
     return offsets[episode] + rank * stride
+def window_rows(starts: torch.Tensor, c: int) -> torch.Tensor:
+    """Flat rows of the c steps s_0 .. s_{c-1} of the windows starting at `starts`: (N,) -> (N, c)."""
+    return starts[:, None] + torch.arange(c, device=starts.device)
 # --- end shared ---
 
 
@@ -766,16 +775,13 @@ if __name__ == "__main__":
             "phase": phase, "step": step, "finished": phase == "done", "summary": dict(summary),
             "rng": {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}})
 
-    def window_rows(first_rows, chosen):  # rows of the c steps of the chosen windows: (B, c)
-        return first_rows[chosen][:, None] + torch.arange(args.c, device=device)
-
     # Phase 1, Eq. (1): the β-VAE, encoder, prior and primitive policy trained jointly
     vae_loss = torch.compile(beta_vae_loss) if args.compile else beta_vae_loss
     loop = Loop("β-VAE", first_step if phase == "vae" else num_steps + 1, num_steps, args, writer, summary,
                 lambda step: checkpoint("vae", step), checkpoint_path, stop_requested,
                 show=("reconstruction_nll", "kl"), prefix="vae_", optimizer=optimizer)
     for step in loop:
-        rows = window_rows(starts, torch.randint(len(starts), (batch_size,), device=device, generator=sampler))
+        rows = window_rows(starts[torch.randint(len(starts), (batch_size,), device=device, generator=sampler)], args.c)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss, reconstruction_nll, kl = vae_loss(encoder, prior, primitive_policy, data["observations"][rows],
                                                     data["actions"][rows], args.beta)
@@ -792,7 +798,7 @@ if __name__ == "__main__":
                 desc="BC fine-tuning", prefix="bc_", log_offset=num_steps)
     for step in loop:
         chosen = torch.randint(len(relabel_starts), (batch_size,), device=device, generator=sampler)
-        rows = window_rows(relabel_starts, chosen)
+        rows = window_rows(relabel_starts[chosen], args.c)
         bc_nll = primitive_bc_loss(primitive_policy, data["observations"][rows], data["actions"][rows], latents[chosen])
         bc_optimizer.zero_grad(set_to_none=True)
         bc_nll.backward()
@@ -801,11 +807,10 @@ if __name__ == "__main__":
 
     # Evaluation: action error on fixed training windows, closed-loop rollouts in the simulator, the picture
     with torch.no_grad():
-        rows = window_rows(starts, torch.randint(len(starts), (2048,), device=device,
-                                                 generator=torch.Generator(device=device).manual_seed(12345)))
-        states, actions = data["observations"][rows], data["actions"][rows]
-        mean_a, _ = primitive_policy(states, encoder(states, actions)[0].unsqueeze(1).expand(-1, args.c, -1))
-        summary["action_mse"] = F.mse_loss(mean_a, actions).item()
+        fixed = torch.Generator(device=device).manual_seed(12345)  # the same 2048 windows in every run
+        rows = window_rows(starts[torch.randint(len(starts), (2048,), device=device, generator=fixed)], args.c)
+        summary["action_mse"] = action_mse(encoder, primitive_policy, data["observations"][rows],
+                                           data["actions"][rows]).item()
     writer.add_scalar("eval/action_mse", summary["action_mse"], num_steps + bc_steps)
     eval_env = None
     try:

@@ -100,11 +100,11 @@ def cql_update(obs_dim, choice_dim, hidden, critic_layers, policy_layers, bf16, 
     states, choices = torch.randn(100_000, obs_dim), torch.rand(100_000, choice_dim) * 2 - 1
     rewards, generator = torch.randn(100_000), torch.Generator().manual_seed(0)
     agent = oc.CQL(obs_dim, -torch.ones(choice_dim), torch.ones(choice_dim), args, states)
-    not_done, discount = torch.ones(batch_size), torch.full((batch_size,), 0.99)
+    done, discount = torch.zeros(batch_size), torch.full((batch_size,), 0.99)
 
     def step():
         batch = torch.randint(len(states) - 1, (batch_size,), generator=generator)
-        agent.update(states[batch], choices[batch], rewards[batch], states[batch + 1], not_done, discount)
+        agent.update(states[batch], choices[batch], rewards[batch], states[batch + 1], done, discount, step=1)
 
     return step
 

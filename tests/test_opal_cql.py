@@ -121,7 +121,8 @@ def test_update_backs_up_with_the_given_discount_and_the_min_of_the_targets(disc
     constant_critics(agent.critics, 0.0, 0.0)
     constant_critics(agent.target_critics, 7.0, 9.0)
     s, choice = torch.randn(2, 3), torch.rand(2, 2) * 2 - 1
-    losses = agent.update(s, choice, torch.ones(2), torch.randn(2, 3), torch.tensor([1.0, 0.0]), torch.full((2,), discount))
+    losses = agent.update(s, choice, torch.ones(2), torch.randn(2, 3), torch.tensor([0.0, 1.0]),
+                          torch.full((2,), discount), step=1)
     assert losses["td_loss"].item() == pytest.approx(((1 + 7 * discount) ** 2 + 1) / 2)
     assert losses["q_data"].item() == 0.0
 

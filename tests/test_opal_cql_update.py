@@ -61,17 +61,17 @@ def make_agent(**overrides):
 def test_cql_update_by_hand(case, monkeypatch):
     overrides = {"alpha-prime-falls": dict(target_action_gap=1e3), "no-lagrange": dict(lagrange=False),
                  "single-target": dict(max_target_backup=False)}.get(case, {})
-    agent, args, prior = make_agent(**overrides)
+    agent, args, prior = make_agent(policy_bc_steps=3, **overrides)  # steps 1-3 imitate, from step 4 on maximise Q
     torch.manual_seed(1)
     s, s_next = torch.randn(B, OBS) * 2, torch.randn(B, OBS) * 2
     choice = LOW + (HIGH - LOW) * torch.rand(B, CHOICE)
-    reward, not_done, discount = torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.tensor([1.0, 0.0, 1.0, 1.0]), \
+    reward, done, discount = torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.tensor([0.0, 1.0, 0.0, 0.0]), \
         torch.tensor([0.9, 0.9, 0.5, 0.99])
     uniform_table = (torch.arange(B * N * CHOICE, dtype=torch.float32) % 7 / 7 + 0.05).view(B * N, CHOICE)
     monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: uniform_table.clone())
     policy, critics, targets = (copy.deepcopy(m) for m in (agent.task_policy, agent.critics, agent.target_critics))
 
-    losses = agent.update(s, choice, reward, s_next, not_done, discount, imitate=case == "imitate")
+    losses = agent.update(s, choice, reward, s_next, done, discount, step=3 if case == "imitate" else 4)
 
     with torch.no_grad():
         # n copies of each state, copy j of state b in row b n + j
@@ -83,7 +83,7 @@ def test_cql_update_by_hand(case, monkeypatch):
         else:
             next_q = min_q(targets, s_next_n, policy(s_next_n)[0])
             next_value = torch.stack([max(next_q[b * N + j] for j in range(N)) for b in range(B)])
-        y = reward + not_done * discount * next_value
+        y = reward + torch.tensor([1.0, 0.0, 1.0, 1.0]) * discount * next_value  # the second transition is done
         q_data = critics(s, choice)  # (2, B)
         td_loss = sum(0.5 * ((q_data[i] - y) ** 2).mean() for i in range(2))
         assert losses["td_loss"].item() == pytest.approx(td_loss.item(), rel=1e-5)
@@ -143,7 +143,7 @@ def test_the_temperature_follows_the_entropy_target():
         s = torch.randn(B, OBS)
         log_prob = agent.task_policy(s)[1]
         agent.update(s, LOW + (HIGH - LOW) * torch.rand(B, CHOICE), torch.zeros(B), torch.randn(B, OBS),
-                     torch.ones(B), torch.full((B,), 0.9))
+                     torch.zeros(B), torch.full((B,), 0.9), step=1)
         expected = math.copysign(1, (log_prob.mean() + target).item())
         if direction is not None:
             assert expected == direction
@@ -191,5 +191,6 @@ def test_cql_learns_a_one_step_task():
     untrained = error()
     for _ in range(300):
         batch = torch.randint(2000, (64,))
-        agent.update(states[batch], actions[batch], rewards[batch], states[batch], torch.zeros(64), torch.full((64,), 0.99))
+        agent.update(states[batch], actions[batch], rewards[batch], states[batch], torch.ones(64), torch.full((64,), 0.99),
+                     step=1)  # every transition ends its episode
     assert error() < 0.12 and error() < 0.3 * untrained

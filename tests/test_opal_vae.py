@@ -52,6 +52,11 @@ def test_window_starts_all_too_short():
     assert len(ov.window_starts(torch.tensor([3, 9, 5]), c=10)) == 0
 
 
+def test_window_rows_by_hand():
+    # windows of c = 3 starting at rows 4, 17 and 0: rows s_0 .. s_2 of each (s_3, the next state, is not in it)
+    assert ov.window_rows(torch.tensor([4, 17, 0]), 3).tolist() == [[4, 5, 6], [17, 18, 19], [0, 1, 2]]
+
+
 # --- the loss terms ---
 def test_gaussian_log_prob_by_hand():
     x, mean, log_std = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, math.log(2.0)]])
@@ -153,6 +158,18 @@ def test_primitive_bc_loss_by_hand():
     by_hand = [sum(normal_nll(actions[b, t, 0].item(), latents[b, 0].item() + latents[b, 1].item() * states[b, t, 0].item(),
                               0.5) for t in range(3)) for b in range(2)]
     assert ov.primitive_bc_loss(policy, states, actions, latents).item() == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+
+
+def test_action_mse_by_hand():
+    # q's mean z = the window's first action + its last state, π's mean a = z + s_t: the error is that of a_t against
+    # a_0 + s_{c-1} + s_t, averaged over windows, steps and action dimensions
+    states = torch.tensor([[[1.0], [3.0], [-1.0]], [[0.0], [2.0], [4.0]]])
+    actions = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]], [[-1.0, 0.5], [0.5, 0.5], [0.0, -2.0]]])
+    encoder = Lambda(lambda s, a: (a[:, 0] + s[:, -1], None))
+    policy = Lambda(lambda s, z: (z + s, None))
+    squared = [(actions[b, t, d].item() - actions[b, 0, d].item() - states[b, 2, 0].item() - states[b, t, 0].item()) ** 2
+               for b in range(2) for t in range(3) for d in range(2)]
+    assert ov.action_mse(encoder, policy, states, actions).item() == pytest.approx(sum(squared) / 12, rel=1e-6)
 
 
 def test_beta_vae_loss_gradients_reach_every_network():
