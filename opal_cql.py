@@ -106,16 +106,18 @@ class Args:
     """continue an interrupted run from its opal_cql.pt (or run directory), with the arguments saved in it"""
 
     # OPAL's high level: how the relabelled transitions are backed up and where the task policy may choose
-    high_level_discount: Literal["decision", "window"] = "window"
-    """decision: γ per high-level decision (SPiRL, SUPE); window: γ^k for a window of k steps (the exact SMDP)"""
+    high_level_discount: Literal["decision", "window"] = "decision"
+    """decision: γ per high-level decision (SPiRL, SUPE; ours by measurement); window: γ^k for a window of k steps
+    (the exact SMDP)"""
     latent_bound: Literal["minmax", "std"] = "minmax"
     """the task policy's latent box: min/max of the relabelled latents, or their mean ± --latent-bound-std stds"""
     latent_bound_std: float = 2.0
     """half-width of the std box, in standard deviations of the relabelled latents (ours)"""
     latent_margin: float = 0.0
     """widen the latent box by this fraction of its width on each side (ours)"""
-    prior_kl_weight: float = 0.0
-    """weight λ of KL(π(z|s) || ρ(z|s)), toward the VAE's prior, in the task policy's loss (SPiRL-style; ours)"""
+    prior_kl_weight: float = 10.0
+    """weight λ of KL(π(z|s) || ρ(z|s)), toward the VAE's prior, in the task policy's loss (SPiRL-style; ours by
+    measurement); 0 turns it off"""
     relabel_stride: Optional[int] = None
     """start of one high-level window every this many steps; default c (the paper's partition of trajectories)"""
 
