@@ -4,7 +4,9 @@ OPAL (Ajay et al., ICLR 2021, Section 4.1) relabels the dataset with the encoder
 window becomes one high-level transition (s_0, z = μ_φ(τ), Σ_{t<c} γ^t r_t, s_c). Conservative Q-learning (CQL;
 Kumar et al., 2020) learns the task policy π_ψ(z|s) from these transitions; at test time the frozen primitive policy
 π_θ(a|s,z) turns each z into c actions. `--primitives none` runs the same CQL on raw actions (c = 1): the baseline
-column of the paper's Table 1.
+column of the paper's Table 1. Two defaults are ours, chosen by measurement (docs/opal_cql.md, details 4 and 14):
+each high-level transition is backed up with γ once per decision, and the task policy pays λ KL(π_ψ ‖ ρ_ω) toward
+the VAE's prior, as SPiRL does; the paper fixes neither.
 
 A *choice* below is what the task policy outputs and the critics score: the latent z with primitives (held for c
 steps), the raw action a without them (c = 1). The same code handles both.
