@@ -222,7 +222,8 @@ def status_line(pending: dict, started: float, slots: int, counts: dict) -> str:
     return line
 
 
-def run_grid(grid: dict, args: Args):
+def run_grid(grid: dict, args: Args) -> int:
+    """Run the grid's runs that have not finished; return how many failed."""
     import ray
 
     runs = grid["runs"]
@@ -232,7 +233,7 @@ def run_grid(grid: dict, args: Args):
         print(f"skip      {key}: finished before", flush=True)
     todo = [run for run in runs if run["key"] not in finished]
     if not todo:
-        return
+        return 0
     # Ray starts its workers at niceness 15 (background priority): a run beside other work would crawl. The local
     # cluster runs them at normal priority; on a cluster of your own, start the nodes with RAY_worker_niceness=0.
     os.environ.setdefault("RAY_worker_niceness", "0")
@@ -265,6 +266,7 @@ def run_grid(grid: dict, args: Args):
     print(f"grid done in {(time.time() - started) / 60:.1f} min: {counts['finished']} finished, {counts['failed']} "
           f"failed, {counts['skipped']} skipped", flush=True)
     ray.shutdown()
+    return counts["failed"]
 
 
 def wait_for(pending: dict, counts: dict, started: float, slots: int, poll: float):
@@ -487,7 +489,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell may start background jobs ignoring it)
     args = tyro.cli(Args)
     grid = load_grid(Path(args.grid), args.only)
-    if not args.report_only:
-        run_grid(grid, args)
+    failed = 0 if args.report_only else run_grid(grid, args)
     print(report(grid, args.import_runs))
     print(f"written: {grid['dir'] / 'table.md'}, intervals.png, curves.png, records.jsonl")
+    if failed:  # (after the report: the runs that finished still count)
+        sys.exit(f"{failed} run(s) failed: their logs' ends are above")

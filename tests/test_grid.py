@@ -55,7 +55,8 @@ vae_seed = 1
 def test_a_tiny_grid_runs_on_ray_reports_and_skips_finished_runs(sandbox, datasets, tmp_path):
     grid_file = write_grid(tmp_path, datasets["pointmaze"])
     first = run_script(sandbox, "analysis/grid.py", "--grid", grid_file, "--num-cpus", 2, "--poll", 5, timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]  # one run failed
+    assert "1 run(s) failed" in first.stderr
     out = first.stdout
     assert "Ray: 2 CPUs, 6 runs to do, 2 at a time" in out
     for key in ("vae/seed1", "cql/seed1", "cql/seed2", "opal/seed1", "opal/seed2"):
