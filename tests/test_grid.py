@@ -207,3 +207,27 @@ def test_a_stopped_grid_checkpoints_its_runs_and_resumes_them(sandbox, datasets,
     assert again.returncode == 0 and "finished  cql/seed1" in again.stdout, again.stdout[-3000:]
     assert f"--resume {checkpoint.parent}" in log.read_text()
     assert torch.load(checkpoint, weights_only=True)["step"] == 2000 and gr.is_finished(checkpoint)
+
+
+def test_a_run_whose_worker_dies_is_retried_and_resumes(sandbox, datasets, tmp_path):
+    # what a lost node looks like to a task: its worker process dies (SIGKILL); the run gets SIGTERM, checkpoints,
+    # and Ray's retry resumes it from there
+    grid_file = tmp_path / "long.toml"
+    grid_file.write_text(f'runs_dir = "{tmp_path / "runs"}"\n[experiments.lost]\nscript = "opal_cql.py"\nseeds = [1]\n'
+                         f'args = "--dataset-id {datasets["pointmaze"]} --primitives none {TINY_CQL} '
+                         '--total-steps 2000 --eval-every 2000 --save-every 100000"\n')
+    log = tmp_path / "runs" / "lost" / "seed1" / "run.log"
+    grid = subprocess.Popen([sys.executable, str(gr.ROOT / "analysis" / "grid.py"), "--grid", str(grid_file),
+                             "--num-cpus", "2"], env=sandbox["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and (gr.progress({"dir": str(log.parent)}) or (0,))[0] < 50:
+        time.sleep(0.2)
+    killed = subprocess.run(["pkill", "-KILL", "-f", "ray::lost/seed1"]).returncode
+    out, _ = grid.communicate(timeout=300)
+    assert killed == 0 and grid.returncode == 0, out[-3000:]
+    assert "finished  lost/seed1" in out
+    commands = [line for line in log.read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and "--resume" in commands[1]  # started once, resumed once, not started afresh
+    checkpoint = gr.latest_checkpoint({"dir": str(log.parent), "script": "opal_cql.py"})
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2000 and gr.is_finished(checkpoint)
