@@ -568,7 +568,8 @@ class Loop:
     def end_of_step(self, step: int, losses: dict):
         values = torch.stack([value.detach().float() for value in losses.values()])  # summed on the device: no sync
         self.sums = values if self.sums is None else self.sums + values
-        save_now = step % self.args.save_every == 0 or bool(self.stop_requested)
+        stop = bool(self.stop_requested)  # read once: a signal arriving later is handled at the next step
+        save_now = step % self.args.save_every == 0 or stop
         if step % self.args.log_every == 0 or step == self.last or save_now:
             means = dict(zip(losses, (self.sums / (step - self.logged_step)).tolist()))
             self.sums, self.logged_step = None, step
@@ -585,7 +586,7 @@ class Loop:
             self.summary.update(means, **{f"{self.prefix}steps": step, f"{self.prefix}sps": sps})
         if save_now:
             self.save(step)
-        if self.stop_requested:
+        if stop:
             print(f"stopped by signal at {self.phase} step {step}; checkpoint written to {self.checkpoint_path}")
             sys.exit(130)
 # --- end shared ---

@@ -206,17 +206,18 @@ def progress(run: dict) -> Optional[tuple]:
 
 def status_line(pending: dict, started: float, slots: int, counts: dict) -> str:
     """"3 running, 4 queued, 5 finished, 1 failed; ETA ~12 min" (remaining steps over each run's steps/s, spread
-    over the cluster's slots; queued runs take the mean time of the running ones). A run is running once its task
-    has written to its log in this invocation."""
+    over the cluster's slots; a queued run is counted at the mean whole length of the running ones' phases). A run
+    is running once its task has written to its log in this invocation."""
     logs = {key: Path(run["dir"]) / "run.log" for key, run in pending.items()}
     running = [key for key, log in logs.items() if log.exists() and log.stat().st_mtime >= started]
     bars = [progress(pending[key]) for key in running]
-    seconds = [(total - done) / rate for done, total, rate in filter(None, bars) if rate > 0]
+    bars = [(done, total, rate) for done, total, rate in filter(None, bars) if rate > 0]
+    seconds = [(total - done) / rate for done, total, rate in bars]
     queued = len(pending) - len(running)
     line = (f"[{(time.time() - started) / 60:.0f} min] {len(running)} running, {queued} queued, "
             f"{counts['finished']} finished, {counts['failed']} failed, {counts['skipped']} skipped")
     if seconds:
-        per_run = float(np.mean(seconds))
+        per_run = float(np.mean([total / rate for _, total, rate in bars]))
         eta = (sum(seconds) + queued * per_run) / max(1, min(slots, len(pending)))
         line += f"; ETA ~{eta / 60:.0f} min (current phases, at the runs' own steps/s)"
     return line

@@ -157,8 +157,9 @@ def test_progress_is_read_from_the_runs_progress_bar(tmp_path):
                                       "12479/15000 [23:48<03:42, 11.34it/s, q_data=-2045.887]")
     assert gr.progress(run) == (12479, 15000, 11.34)
     line = gr.status_line({"a": run, "b": {"dir": str(tmp_path / "none")}}, started, 2, dict(finished=1, failed=0, skipped=0))
-    # (15000 - 12479) / 11.34 s for the running run, as much again for the queued one, over 2 slots: ~4 min
-    assert "1 running, 1 queued, 1 finished" in line and "ETA ~4 min" in line
+    # (15000 - 12479) / 11.34 = 222 s left for the running run, 15000 / 11.34 = 1,323 s for the queued one (a whole
+    # run at the running one's speed), over 2 slots: 772 s
+    assert "1 running, 1 queued, 1 finished" in line and "ETA ~13 min" in line
 
 
 def test_the_report_by_hand_and_from_the_records_file_alone(tmp_path):

@@ -317,3 +317,23 @@ def test_defaults_are_the_papers_and_corls():
     assert (cql.reward_scale, cql.reward_bias, cql.policy_layers) == (10.0, -5.0, 3)
     assert (cql.high_level_discount, cql.latent_bound, cql.latent_bound_std, cql.prior_kl_weight) == \
         ("decision", "minmax", 2.0, 10.0)  # ours, by five seeds on two mazes (docs/pointmaze_results.md)
+
+
+def test_a_signal_during_a_steps_logging_still_checkpoints_before_the_stop():
+    """The signal handler only appends to a list; a signal that lands while a step is being logged must not end the
+    run with "checkpoint written" and no checkpoint (it did once: found by the grid's stop test under load)."""
+    stop_requested, saved = [], []
+
+    class Writer:  # the signal arrives while the step's scalars are written
+        def add_scalar(self, *args):
+            stop_requested.append(15)
+
+    args = SimpleNamespace(save_every=1000, log_every=1)
+    loop = oc.Loop("CQL", 1, 10, args, Writer(), {}, saved.append, Path("unused.pt"), stop_requested)
+    loop.start_time = 0.0
+    loop.progress = SimpleNamespace(set_postfix=lambda *a, **k: None)
+    loop.end_of_step(1, {"td_loss": torch.tensor(1.0)})  # the stop is seen at the next step, not half-way
+    assert saved == []
+    with pytest.raises(SystemExit) as stopped:
+        loop.end_of_step(2, {"td_loss": torch.tensor(1.0)})
+    assert stopped.value.code == 130 and saved == [2]
