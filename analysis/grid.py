@@ -356,9 +356,10 @@ def matching_records(grid: dict, import_runs=()) -> dict:
             differing = [key for key, value in intended.items()
                          if value is not None and json.loads(json.dumps(record["args"].get(key, value))) != value]
             if differing:
-                print(f"left out {record['run']} from {run['key']}: it differs in "
-                      + ", ".join(f"--{key.replace('_', '-')} ({record['args'].get(key)} vs {intended[key]})"
-                                  for key in differing))
+                if not {"env", "dataset_id"} & set(differing):  # (on other data it is another grid's run: quiet)
+                    print(f"left out {record['run']} from {run['key']}: it differs in "
+                          + ", ".join(f"--{key.replace('_', '-')} ({record['args'].get(key)} vs {intended[key]})"
+                                      for key in differing))
                 continue
             matched[run["key"]] = record  # the last one wins: checkpoints on disk over the records file
     return matched
