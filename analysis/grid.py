@@ -228,8 +228,9 @@ def run_grid(grid: dict, args: Args) -> int:
     import ray
 
     runs = grid["runs"]
-    finished = {run["key"]: {"key": run["key"], "status": "finished", "checkpoint": str(latest_checkpoint(run))}
-                for run in runs if is_finished(latest_checkpoint(run))}
+    latest = {run["key"]: latest_checkpoint(run) for run in runs}
+    finished = {key: {"key": key, "status": "finished", "checkpoint": str(path)}
+                for key, path in latest.items() if is_finished(path)}
     for key in finished:
         print(f"skip      {key}: finished before", flush=True)
     todo = [run for run in runs if run["key"] not in finished]
@@ -303,7 +304,7 @@ def intended_args(run: dict) -> dict:
     try:
         parsed = asdict(tyro.cli(module.Args, args=flags))
     except SystemExit as error:  # the script refuses these flags: no run can match them
-        print(f"{run['key']}: {run['script']} refuses the grid's flags ({error})")
+        print(f"{run['experiment']}: {run['script']} refuses the grid's flags ({error})")
         return None
     return {key: json.loads(json.dumps(value)) for key, value in parsed.items() if key not in BOOKKEEPING}
 
@@ -318,9 +319,12 @@ def scalar_curves(run_dir: Path, tags: tuple) -> dict:
     return {tag: [[point.step, point.value] for point in events.Scalars(tag)] for tag in tags if tag in present}
 
 
-def record_of(path: Path) -> dict:
-    """What the report keeps of a finished run: its args and summary, and the curves the plots and tables need."""
+def record_of(path: Path) -> Optional[dict]:
+    """What the report keeps of a finished run: its args and summary, and the curves the plots and tables need;
+    None if the run has not finished."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not payload.get("finished"):
+        return None
     script = f"{payload['script']}.py"
     curves = scalar_curves(path.parent, ("eval/normalized_score", "losses/reconstruction_nll", "losses/kl"))
     summary = dict(payload["summary"])
@@ -343,10 +347,12 @@ def matching_records(grid: dict, import_runs=()) -> dict:
     paths = [path for folder in import_runs for name in CHECKPOINT.values()
              for path in sorted(Path(folder).rglob(name))]
     paths += [path for run in grid["runs"] for path in sorted(Path(run["dir"]).glob(f"*/{CHECKPOINT[run['script']]}"))]
-    candidates += [record_of(path) for path in paths if is_finished(path)]
-    matched = {}
+    candidates += filter(None, map(record_of, paths))  # (each checkpoint loaded once)
+    matched, intended_of = {}, {}
     for run in grid["runs"]:
-        intended = intended_args(run)
+        if run["experiment"] not in intended_of:  # the runs of an experiment share its flags: parsed once
+            intended_of[run["experiment"]] = intended_args(run)
+        intended = intended_of[run["experiment"]]
         for record in candidates if intended is not None else []:
             script = record.get("script", "opal_cql.py")  # (records written before the grid were all CQL runs)
             if (script, record["seed"], record["args"].get("exp_name")) != (run["script"], run["seed"],

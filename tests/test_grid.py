@@ -185,18 +185,25 @@ def test_the_report_by_hand_and_from_the_records_file_alone(tmp_path):
     assert [line for line in gr.report(grid).splitlines() if line.startswith("| opal/")] == row
 
 
-def test_a_stopped_grid_checkpoints_its_runs_and_resumes_them(sandbox, datasets, tmp_path):
+def start_a_long_run(sandbox, datasets, tmp_path, experiment: str):
+    """A grid of one CQL run of 2,000 steps that saves no checkpoint of its own (only a stop's), started in the
+    background; returns (the grid process, the grid file, the run's log) once the run has taken 50 steps."""
     grid_file = tmp_path / "long.toml"
-    grid_file.write_text(f'runs_dir = "{tmp_path / "runs"}"\n[experiments.cql]\nscript = "opal_cql.py"\nseeds = [1]\n'
-                         f'args = "--dataset-id {datasets["pointmaze"]} --primitives none {TINY_CQL} '
-                         '--total-steps 2000 --eval-every 2000 --save-every 100000"\n')  # no checkpoint but the stop's
-    log = tmp_path / "runs" / "cql" / "seed1" / "run.log"
+    grid_file.write_text(f'runs_dir = "{tmp_path / "runs"}"\n[experiments.{experiment}]\nscript = "opal_cql.py"\n'
+                         f'seeds = [1]\nargs = "--dataset-id {datasets["pointmaze"]} --primitives none {TINY_CQL} '
+                         '--total-steps 2000 --eval-every 2000 --save-every 100000"\n')
+    log = tmp_path / "runs" / experiment / "seed1" / "run.log"
     grid = subprocess.Popen([sys.executable, str(gr.ROOT / "analysis" / "grid.py"), "--grid", str(grid_file),
                              "--num-cpus", "2"], env=sandbox["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.time() + 300
     while time.time() < deadline and (gr.progress({"dir": str(log.parent)}) or (0,))[0] < 50:
         time.sleep(0.2)
+    return grid, grid_file, log
+
+
+def test_a_stopped_grid_checkpoints_its_runs_and_resumes_them(sandbox, datasets, tmp_path):
+    grid, grid_file, log = start_a_long_run(sandbox, datasets, tmp_path, "cql")
     grid.send_signal(signal.SIGINT)  # Ctrl-C
     out, _ = grid.communicate(timeout=180)
     assert grid.returncode == 130, out[-3000:]
@@ -213,17 +220,7 @@ def test_a_stopped_grid_checkpoints_its_runs_and_resumes_them(sandbox, datasets,
 def test_a_run_whose_worker_dies_is_retried_and_resumes(sandbox, datasets, tmp_path):
     # what a lost node looks like to a task: its worker process dies (SIGKILL); the run gets SIGTERM, checkpoints,
     # and Ray's retry resumes it from there
-    grid_file = tmp_path / "long.toml"
-    grid_file.write_text(f'runs_dir = "{tmp_path / "runs"}"\n[experiments.lost]\nscript = "opal_cql.py"\nseeds = [1]\n'
-                         f'args = "--dataset-id {datasets["pointmaze"]} --primitives none {TINY_CQL} '
-                         '--total-steps 2000 --eval-every 2000 --save-every 100000"\n')
-    log = tmp_path / "runs" / "lost" / "seed1" / "run.log"
-    grid = subprocess.Popen([sys.executable, str(gr.ROOT / "analysis" / "grid.py"), "--grid", str(grid_file),
-                             "--num-cpus", "2"], env=sandbox["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and (gr.progress({"dir": str(log.parent)}) or (0,))[0] < 50:
-        time.sleep(0.2)
+    grid, _, log = start_a_long_run(sandbox, datasets, tmp_path, "lost")
     killed = subprocess.run(["pkill", "-KILL", "-f", "ray::lost/seed1"]).returncode
     out, _ = grid.communicate(timeout=300)
     assert killed == 0 and grid.returncode == 0, out[-3000:]
