@@ -59,13 +59,17 @@ class Args:
     kind: Literal["diverse", "expert", "random"] = "diverse"
     """diverse: D4RL-style undirected data; expert: demonstrations of the evaluation task; random: random actions"""
     dataset_id: Optional[str] = None
-    """Minari id to write; default opal/<env>-<kind>-v0"""
+    """Minari id to write; default opal/<env>-<kind>-v0 (opal/<env>-expert-anywhere-v0 with --starts anywhere)"""
     steps: Optional[int] = None
     """total environment steps (diverse, random); default 1,000,000 for diverse, 10,000 for random"""
     episode_length: int = 1000
     """steps per episode for diverse and random data (D4RL antmaze uses 1000)"""
-    episodes: int = 10
-    """number of demonstrations for --kind expert"""
+    episodes: int = 30
+    """number of demonstrations for --kind expert (more than the 10 a few-shot run imitates, so that its seeds
+    draw different ones)"""
+    starts: Literal["reset", "anywhere"] = "reset"
+    """--kind expert: demonstrations, and the evaluation task written with them, start at the evaluation reset cell
+    (D4RL's task) or at any free cell (a harder task: start cells the demonstrations may never have visited)"""
     action_noise: float = 0.2
     """std of the Gaussian noise added to the PD controller's action (our choice; D4RL's noisy maze2d used 0.5)"""
     seed: int = 0
@@ -88,10 +92,13 @@ PD_GAINS = (10.0, -1.0)  # p on the position error, d on the velocity: the D4RL 
 SUCCESS_RADIUS = 0.45
 
 
-def eval_map(maze_map, reset_cell, goal_cell):
-    """The evaluation map: one reset cell 'r' and one goal cell 'g', as in D4RL's evaluation tasks."""
+def eval_map(maze_map, reset_cell, goal_cell, anywhere=False):
+    """The evaluation map: one reset cell 'r' and one goal cell 'g', as in D4RL's evaluation tasks; `anywhere`:
+    every free cell but the goal is a reset cell (each episode starts in one drawn uniformly)."""
     rows = [list(row) for row in maze_map]
-    rows[reset_cell[0]][reset_cell[1]] = "r"
+    free = [(r, c) for r, row in enumerate(rows) for c, value in enumerate(row) if value == 0]
+    for r, c in free if anywhere else [reset_cell]:
+        rows[r][c] = "r"
     rows[goal_cell[0]][goal_cell[1]] = "g"
     return rows
 
@@ -106,10 +113,12 @@ def env_specs(args: Args, episode_length: int):
     env_id = POINT_IDS[size] if family == "pointmaze" else ANT_IDS[size]
     data_env = gym.make(env_id, maze_map=maze["maze_map"], continuing_task=True, reset_target=True,
                         max_episode_steps=episode_length)
+    anywhere = args.kind == "expert" and args.starts == "anywhere"
     if args.kind == "expert":  # demonstrations end when the goal is reached
-        data_env = gym.make(env_id, maze_map=eval_map(**maze), continuing_task=False,
+        data_env = gym.make(env_id, maze_map=eval_map(**maze, anywhere=anywhere), continuing_task=False,
                             max_episode_steps=episode_length)
-    eval_env = gym.make(env_id, maze_map=eval_map(**maze), continuing_task=True, reset_target=False)
+    eval_env = gym.make(env_id, maze_map=eval_map(**maze, anywhere=anywhere), continuing_task=True,
+                        reset_target=False)
     return data_env, eval_env
 
 
@@ -215,7 +224,8 @@ def collect(args: Args):
 
     buffers = []
     if args.kind == "expert":
-        options = {"reset_cell": np.array(MAZES[size]["reset_cell"]), "goal_cell": np.array(MAZES[size]["goal_cell"])}
+        reset_cell = np.array(MAZES[size]["reset_cell"]) if args.starts == "reset" else None  # None: drawn by the env
+        options = {"reset_cell": reset_cell, "goal_cell": np.array(MAZES[size]["goal_cell"])}
         for episode in tqdm(range(args.episodes), desc="demonstrations"):
             buffers.append(run_episode(data_env, policy, seed=args.seed + episode, options=options))
         return buffers, data_env, eval_env
@@ -312,7 +322,10 @@ def main(args: Args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
-    dataset_id = args.dataset_id or f"opal/{args.env}-{args.kind}-v0"
+    if args.starts != "reset" and args.kind != "expert":
+        raise SystemExit("--starts applies to --kind expert only.")
+    suffix = "-anywhere" if args.starts == "anywhere" else ""
+    dataset_id = args.dataset_id or f"opal/{args.env}-{args.kind}{suffix}-v0"
     start = time.time()
     buffers, data_env, eval_env = collect(args)
     seconds = time.time() - start

@@ -519,7 +519,7 @@ ENV_ALIASES = {
     "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
     "pointmaze-large": "opal/pointmaze-large-diverse-v0",
 }
-GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large))-(diverse|expert)-v0")
+GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large))-(diverse|expert)(-anywhere)?-v0")
 
 
 def fail(message: str):
@@ -553,7 +553,8 @@ def load_minari_dataset(dataset_id: str):
         print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} (about a minute)")
         if not collector.exists():
             fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
-        command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2]]
+        command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2],
+                   *(["--starts", "anywhere"] if generated[3] else [])]
         if subprocess.run(command).returncode != 0:
             fail(f"generating {dataset_id} failed (command: {' '.join(command)}); its output is above.")
         return minari.load_dataset(dataset_id)
@@ -943,6 +944,7 @@ class Evaluator:
 # --- end shared ---
 
 
+# --- shared: policy_checkpoint ---
 def policies_from_checkpoint(payload: dict):
     """(task policy, primitive policy or None) rebuilt from an opal_cql.pt payload alone, no VAE file needed."""
     task_policy = TanhGaussianPolicy(payload["obs_dim"], payload["choice_dim"], torch.tensor(payload["choice_low"]),
@@ -955,6 +957,7 @@ def policies_from_checkpoint(payload: dict):
                                            payload["hidden_dim"])
         primitive_policy.load_state_dict(payload["primitive_policy"])
     return task_policy, primitive_policy
+# --- end shared ---
 
 
 if __name__ == "__main__":

@@ -236,11 +236,13 @@ def beta_vae_loss(encoder, prior, primitive_policy, states, actions, beta, noise
     return (reconstruction_nll + beta * kl).mean(), reconstruction_nll.mean(), kl.mean()
 
 
+# --- shared: primitive_finetune ---
 def primitive_bc_loss(primitive_policy, states, actions, latents):
     """BC fine-tuning of the primitive policy on relabelled windows: -Σ_{t<c} log π_θ(a_t|s_t,z), z = μ_φ(τ) fixed,
     averaged over the batch. states, actions: (B, c, ·); latents: (B, latent_dim)."""
     mean_a, log_std_a = primitive_policy(states, latents.unsqueeze(1).expand(-1, states.shape[1], -1))
     return -gaussian_log_prob(actions, mean_a, log_std_a).sum(1).mean()
+# --- end shared ---
 
 
 def action_mse(encoder, primitive_policy, states, actions):
@@ -264,7 +266,7 @@ ENV_ALIASES = {
     "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
     "pointmaze-large": "opal/pointmaze-large-diverse-v0",
 }
-GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large))-(diverse|expert)-v0")
+GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large))-(diverse|expert)(-anywhere)?-v0")
 
 
 def fail(message: str):
@@ -298,7 +300,8 @@ def load_minari_dataset(dataset_id: str):
         print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} (about a minute)")
         if not collector.exists():
             fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
-        command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2]]
+        command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2],
+                   *(["--starts", "anywhere"] if generated[3] else [])]
         if subprocess.run(command).returncode != 0:
             fail(f"generating {dataset_id} failed (command: {' '.join(command)}); its output is above.")
         return minari.load_dataset(dataset_id)

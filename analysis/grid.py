@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 BOOKKEEPING = {"seed", "exp_name", "runs_dir", "track", "wandb_project_name", "wandb_entity", "device", "save_every",
                "log_every", "resume", "vae_ckpt", "allow_unfinished", "capture_video", "picture_latents", "compile",
                "bf16"}
-CHECKPOINT = {"opal_vae.py": "opal_vae.pt", "opal_cql.py": "opal_cql.pt"}
+CHECKPOINT = {"opal_vae.py": "opal_vae.pt", "opal_cql.py": "opal_cql.pt", "opal_fewshot_il.py": "opal_fewshot_il.pt"}
 
 
 @dataclass

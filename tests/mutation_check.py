@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("opal_vae.py", "opal_cql.py", "collect_data.py")
+SCRIPTS = ("opal_vae.py", "opal_cql.py", "opal_fewshot_il.py", "collect_data.py")
 
 # (name, original text, mutated text): the original must occur once in each script it occurs in
 MUTANTS = [
@@ -213,6 +213,21 @@ MUTANTS = [
     ("eval-extra-episodes-counted", "return (float(np.mean(successes[:episodes])), float(np.mean(returns[:episodes])),",
      "return (float(np.mean(successes)), float(np.mean(returns)),"),
     ("eval-score-not-percent", "return 100.0 * success_rate", "return success_rate"),
+    # --- opal_fewshot_il.py: relabelling, choice of demonstrations, the task policy's likelihood ---
+    ("fs-relabel-stride-c", 'starts = window_starts(demos["episode_lengths"], c, stride=1)',
+     'starts = window_starts(demos["episode_lengths"], c, stride=c)'),
+    ("fs-relabel-next-action", 'return starts, demos["actions"][starts]', 'return starts, demos["actions"][starts + 1]'),
+    ("fs-nll-sum-over-batch", "return -task_policy.log_prob(first_states, choices).mean()",
+     "return -task_policy.log_prob(first_states, choices).sum()"),
+    ("fs-nll-sign", "return -task_policy.log_prob(first_states, choices).mean()",
+     "return task_policy.log_prob(first_states, choices).mean()"),
+    ("fs-pick-with-replacement", "choice(len(lengths), num_demos, replace=False)",
+     "choice(len(lengths), num_demos, replace=True)"),
+    ("fs-pick-unsorted", "chosen = np.sort(np.random.default_rng(seed).choice(",
+     "chosen = np.asarray(np.random.default_rng(seed).choice("),
+    ("fs-pick-drops-last-row", "torch.arange(first_rows[e], first_rows[e] + lengths[e] + 1)",
+     "torch.arange(first_rows[e], first_rows[e] + lengths[e])"),
+    ("fs-pick-refuses-all", "if num_demos > len(lengths):", "if num_demos >= len(lengths):"),
 ]
 
 

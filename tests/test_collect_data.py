@@ -41,6 +41,32 @@ def test_expert_demonstrations_reach_the_evaluation_goal(datasets):
         assert np.linalg.norm(episode.observations["achieved_goal"][0] - [-4.5, 3.0]) < 0.5  # starts in cell (1, 1)
 
 
+def test_demonstrations_from_anywhere(sandbox, datasets):
+    """--starts anywhere: every free cell but the goal is a reset cell of the demonstrations and of the evaluation
+    task written with them; the demonstrations start in different cells and all reach the goal."""
+    import collect_data
+
+    free_map = [[1, 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 1, 0, 1, 1], [1, 1, 1, 1, 1]]
+    assert collect_data.eval_map(free_map, (1, 1), (2, 2), anywhere=True) == \
+        [[1, 1, 1, 1, 1], [1, "r", "r", "r", 1], [1, 1, "g", 1, 1], [1, 1, 1, 1, 1]]
+    assert collect_data.eval_map(free_map, (1, 1), (2, 2)) == \
+        [[1, 1, 1, 1, 1], [1, "r", 0, 0, 1], [1, 1, "g", 1, 1], [1, 1, 1, 1, 1]]
+    result = run_script(sandbox, "collect_data.py", "--env", "pointmaze-medium", "--kind", "expert", "--starts",
+                        "anywhere", "--episodes", 6)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dataset = minari.load_dataset("opal/pointmaze-medium-expert-anywhere-v0")
+    maze = dataset.recover_environment(eval_env=True).unwrapped.maze
+    free = sum(value != 1 for row in maze.maze_map for value in row)
+    assert len(maze.unique_reset_locations) == free - 1 and maze.maze_map[6][6] == "g"
+    cells = set()
+    for episode in dataset.iterate_episodes():
+        assert episode.terminations[-1] and episode.infos["success"][-1]
+        cells.add(tuple(maze.cell_xy_to_rowcol(episode.observations["achieved_goal"][0])))
+    assert len(cells) >= 3
+    refused = run_script(sandbox, "collect_data.py", "--starts", "anywhere", "--steps", 10)
+    assert refused.returncode != 0 and "--starts applies to --kind expert only" in refused.stderr
+
+
 def test_generation_into_an_existing_id_is_refused(sandbox, datasets):
     result = run_script(sandbox, "collect_data.py", "--env", "pointmaze-large", "--steps", 100,
                         "--dataset-id", datasets["pointmaze"])

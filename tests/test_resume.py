@@ -85,3 +85,29 @@ def test_cql_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets, vae
     for key in ("task_policy", "critics", "target_critics"):
         assert same_tensors(first[key], second[key]), f"{key} differs after resume"
     assert first["summary"]["last_normalized_score"] == second["summary"]["last_normalized_score"]
+
+
+FEWSHOT = ["--policy-layers", 2, "--hidden-dim", 32, "--batch-size", 16, "--total-steps", 3000, "--finetune-steps", 1500,
+           "--log-every", 100, "--eval-every", 100000, "--eval-episodes", 2, "--num-envs", 2, "--save-every", 100000,
+           "--num-demos", 2]
+
+
+def test_fewshot_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets, vae_checkpoints):
+    common = [*FEWSHOT, "--dataset-id", datasets["pointmaze"], "--demo-dataset-id", datasets["pointmaze-expert"],
+              "--vae-ckpt", vae_checkpoints["pointmaze"], "--seed", 3]
+    straight = run_script(sandbox, "opal_fewshot_il.py", *common, "--runs-dir", sandbox["base"] / "fewshot-resume-a")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    code, stdout = interrupt_after_start(sandbox, "opal_fewshot_il.py",
+                                         [*common, "--runs-dir", sandbox["base"] / "fewshot-resume-b"],
+                                         "to imitate (c = 10)", signal.SIGTERM)
+    assert code == 130 and "stopped by signal at" in stdout, stdout
+    interrupted = checkpoint_path(stdout, "opal_fewshot_il.pt")
+    assert not torch.load(interrupted, weights_only=True)["finished"]
+    resumed = run_script(sandbox, "opal_fewshot_il.py", "--resume", interrupted.parent)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    first = torch.load(checkpoint_path(straight.stdout, "opal_fewshot_il.pt"), weights_only=True)
+    second = torch.load(interrupted, weights_only=True)
+    assert second["finished"] and second["phase"] == "done" and second["demo_episodes"] == first["demo_episodes"]
+    for key in ("task_policy", "primitive_policy"):
+        assert same_tensors(first[key], second[key]), f"{key} differs after resume"
+    assert first["summary"]["last_normalized_score"] == second["summary"]["last_normalized_score"]
