@@ -37,6 +37,13 @@ def run_script(sandbox, script, *arguments, timeout=600):
                           cwd=sandbox["base"], capture_output=True, text=True, timeout=timeout)
 
 
+def assert_refused(result, *fragments):
+    """The script stopped with a readable message (no traceback) that contains every fragment."""
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr[-2000:]
+
+
 @pytest.fixture(scope="session")
 def datasets(sandbox):
     """Tiny datasets of all three families, made by collect_data.py in the temporary store."""

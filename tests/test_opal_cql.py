@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import opal_cql as oc
-from conftest import run_script
+from conftest import assert_refused, run_script
 
 TINY = ["--hidden-dim", 32, "--critic-layers", 2, "--policy-layers", 2, "--batch-size", 32, "--cql-n-actions", 3,
         "--total-steps", 30, "--log-every", 10, "--eval-every", 20, "--eval-episodes", 2, "--eval-episodes-during", 2,
@@ -180,12 +180,6 @@ def test_cql_runs_end_to_end(sandbox, datasets, vae_checkpoints, family, primiti
         assert primitive_policy(torch.zeros(1, payload["obs_dim"]), choice)[0].shape == (1, payload["act_dim"])
     else:
         assert primitive_policy is None and choice.shape == (1, payload["act_dim"])
-
-
-def assert_refused(result, *fragments):
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr[-2000:]
 
 
 def test_cql_refuses_a_checkpoint_of_another_dataset(sandbox, datasets, vae_checkpoints):

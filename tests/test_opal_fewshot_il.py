@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import opal_fewshot_il as fs
-from conftest import run_script
+from conftest import assert_refused, run_script
 
 TINY = ["--policy-layers", 2, "--hidden-dim", 32, "--batch-size", 16, "--total-steps", 40, "--finetune-steps", 20,
         "--log-every", 10, "--eval-every", 20, "--eval-episodes", 2, "--eval-episodes-during", 2, "--num-envs", 2]
@@ -79,15 +79,20 @@ def test_pick_demonstrations_by_hand():
         fs.pick_demonstrations(demos, 4, 0)
 
 
-def test_task_policy_nll_by_hand():
-    # a task policy whose network outputs mean (0.5, -1) and log-std (0, -1) everywhere, in the box [-2, 2] x [0, 4]
-    policy = fs.TanhGaussianPolicy(3, 2, torch.tensor([-2.0, 0.0]), torch.tensor([2.0, 4.0]), 8, 1)
+def constant_output(policy, output):
+    """The task policy's network outputs `output` (means, then log-stds) whatever the state."""
     with torch.no_grad():
         for layer in policy.net:
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.zero_()
                 layer.bias.zero_()
-        policy.net[-1].bias.copy_(torch.tensor([0.5, -1.0, 0.0, -1.0]))
+        policy.net[-1].bias.copy_(torch.tensor(output))
+
+
+def test_task_policy_nll_by_hand():
+    # a task policy whose network outputs mean (0.5, -1) and log-std (0, -1) everywhere, in the box [-2, 2] x [0, 4]
+    policy = fs.TanhGaussianPolicy(3, 2, torch.tensor([-2.0, 0.0]), torch.tensor([2.0, 4.0]), 8, 1)
+    constant_output(policy, [0.5, -1.0, 0.0, -1.0])
     choices = torch.tensor([[1.0, 1.0], [-0.5, 3.0]])
 
     def log_density(choice):  # change of variables: x = centre + half-width tanh(u)
@@ -133,12 +138,6 @@ def test_fewshot_runs_end_to_end(sandbox, datasets, vae_checkpoints, family, pri
         assert len(scalars(path.parent, "losses/finetune_nll")) == 2
     else:
         assert primitive_policy is None and choice.shape == (1, payload["act_dim"])
-
-
-def assert_refused(result, *fragments):
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr[-2000:]
 
 
 def test_fewshot_refusals(sandbox, datasets, vae_checkpoints, tmp_path):
@@ -193,12 +192,7 @@ def test_demonstrations_from_a_policy(sandbox, tmp_path):
     successful episodes become the demonstration dataset, each ending at the goal, and BC then imitates them."""
     corridor_dataset("test/corridor-random-v0")
     east = fs.TanhGaussianPolicy(4, 2, -torch.ones(2), torch.ones(2), 8, 1)
-    with torch.no_grad():
-        for layer in east.net:
-            if isinstance(layer, torch.nn.Linear):
-                layer.weight.zero_()
-                layer.bias.zero_()
-        east.net[-1].bias.copy_(torch.tensor([1.5, 0.0, -5.0, -5.0]))  # action (tanh 1.5, 0) ≈ (0.905, 0)
+    constant_output(east, [1.5, 0.0, -5.0, -5.0])  # action (tanh 1.5, 0) ≈ (0.905, 0)
     policy_path = tmp_path / "opal_cql.pt"
     fs.save_checkpoint(policy_path, {
         "script": "opal_cql", "dataset_id": "test/corridor-random-v0", "obs_layout": ["observation"], "obs_dim": 4,
@@ -219,8 +213,7 @@ def test_demonstrations_from_a_policy(sandbox, tmp_path):
         assert episode.terminations[-1] and not episode.terminations[:-1].any()
         assert np.allclose(episode.actions, [math.tanh(1.5), 0.0], atol=1e-6)
     # a policy that never succeeds is refused with a reason, and no dataset is written
-    with torch.no_grad():
-        east.net[-1].bias.copy_(torch.tensor([-1.5, 0.0, -5.0, -5.0]))  # west, into the wall
+    constant_output(east, [-1.5, 0.0, -5.0, -5.0])  # west, into the wall
     payload = torch.load(policy_path, weights_only=True)
     payload["task_policy"] = east.state_dict()
     torch.save(payload, policy_path)
