@@ -551,31 +551,39 @@ class Loop:
     """One training phase's bookkeeping, so that the loop body holds only the algorithm: a progress bar; the losses
     averaged between log lines, written under losses/ every --log-every steps with charts/SPS and kept in the run's
     summary; a stop on NaN or inf; the checkpoint every --save-every steps and when Ctrl-C or SIGTERM arrives (then
-    exit code 130)."""
+    exit code 130). `stride`: steps per iteration (opal_online_sac.py counts environment steps, --num-envs of them
+    per iteration); an iteration may report no losses (no update ran in it)."""
 
     def __init__(self, phase, first, last, args, writer, summary, save, checkpoint_path, stop_requested, show=(),
-                 desc=None, prefix="", log_offset=0, optimizer=None):
-        self.phase, self.first, self.last, self.args = phase, first, last, args
+                 desc=None, prefix="", log_offset=0, optimizer=None, stride=1):
+        self.phase, self.first, self.last, self.args, self.stride = phase, first, last, args, stride
         self.writer, self.summary = writer, summary
         self.save, self.checkpoint_path, self.stop_requested, self.show = save, checkpoint_path, stop_requested, show
         self.desc, self.prefix, self.log_offset, self.optimizer = desc or phase, prefix, log_offset, optimizer
-        self.sums, self.logged_step = None, first - 1
+        self.sums, self.names, self.count = None, [], 0
 
     def __iter__(self):
         self.start_time = time.time()
-        self.progress = tqdm(range(self.first, self.last + 1), desc=self.desc, mininterval=2, initial=self.first - 1,
-                             total=self.last)
-        yield from self.progress
+        self.progress = tqdm(desc=self.desc, mininterval=2, initial=self.first - 1, total=self.last)
+        for step in range(self.first + self.stride - 1, self.last + 1, self.stride):
+            yield step
+            self.progress.update(self.stride)
         self.progress.close()
 
+    def passes(self, step: int, every: int) -> bool:
+        """Whether the iteration ending at `step` passed a multiple of `every` (step % every == 0 at stride 1)."""
+        return step // every > (step - self.stride) // every
+
     def end_of_step(self, step: int, losses: dict):
-        values = torch.stack([value.detach().float() for value in losses.values()])  # summed on the device: no sync
-        self.sums = values if self.sums is None else self.sums + values
+        if losses:
+            values = torch.stack([value.detach().float() for value in losses.values()])  # summed on the device
+            self.sums = values if self.sums is None else self.sums + values
+            self.names, self.count = list(losses), self.count + 1
         stop = bool(self.stop_requested)  # read once: a signal arriving later is handled at the next step
-        save_now = step % self.args.save_every == 0 or stop
-        if step % self.args.log_every == 0 or step == self.last or save_now:
-            means = dict(zip(losses, (self.sums / (step - self.logged_step)).tolist()))
-            self.sums, self.logged_step = None, step
+        save_now = self.passes(step, self.args.save_every) or stop
+        if self.passes(step, self.args.log_every) or step + self.stride > self.last or save_now:
+            means = dict(zip(self.names, (self.sums / self.count).tolist())) if self.count else {}
+            self.sums, self.count = None, 0
             stop_if_not_finite({f"losses/{k}": v for k, v in means.items()}, f"{self.phase} step {step}",
                                self.checkpoint_path, self.writer)
             sps = (step - self.first + 1) / (time.time() - self.start_time)
@@ -585,7 +593,8 @@ class Loop:
             if self.optimizer is not None:
                 learning_rate = self.optimizer.param_groups[0]["lr"]
                 self.writer.add_scalar("charts/learning_rate", learning_rate, self.log_offset + step)
-            self.progress.set_postfix({**{name: f"{means[name]:.3f}" for name in self.show}, "sps": f"{sps:.0f}"})
+            shown = {name: f"{means[name]:.3f}" for name in self.show if name in means}
+            self.progress.set_postfix({**shown, "sps": f"{sps:.0f}"})
             self.summary.update(means, **{f"{self.prefix}steps": step, f"{self.prefix}sps": sps})
         if save_now:
             self.save(step)

@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 BOOKKEEPING = {"seed", "exp_name", "runs_dir", "track", "wandb_project_name", "wandb_entity", "device", "save_every",
                "log_every", "resume", "vae_ckpt", "allow_unfinished", "capture_video", "picture_latents", "compile",
                "bf16"}
-CHECKPOINT = {"opal_vae.py": "opal_vae.pt", "opal_cql.py": "opal_cql.pt", "opal_fewshot_il.py": "opal_fewshot_il.pt"}
+CHECKPOINT = {"opal_vae.py": "opal_vae.pt", "opal_cql.py": "opal_cql.pt", "opal_fewshot_il.py": "opal_fewshot_il.pt",
+              "opal_online_sac.py": "opal_online_sac.pt"}
 
 
 @dataclass
@@ -477,7 +478,8 @@ def plot(scores: dict, out: Path):
         estimates = [interval_estimates([curve[step] for curve in curves])["iqm"] for step in steps]
         axis.plot(steps, [e[0] for e in estimates], marker="o", label=f"{name[label]} ({len(curves)} runs)")
         axis.fill_between(steps, [e[1] for e in estimates], [e[2] for e in estimates], alpha=0.2)
-    axis.set_xlabel("gradient steps")
+    online = all(record["script"] == "opal_online_sac.py" for label in labels for record in scores[label][1])
+    axis.set_xlabel("environment steps" if online else "gradient steps")
     axis.set_ylabel("normalised score, IQM over runs (95% CI)")
     if axis.lines:
         axis.legend(fontsize="small")

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
+import minari
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +83,26 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "sandbox" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.script)
+
+
+def corridor_dataset(dataset_id: str):
+    """A two-cell PointMaze corridor, reset cell west of the goal cell, as a tiny Minari dataset of random steps."""
+    from minari.data_collector import EpisodeBuffer
+    corridor = [[1, 1, 1, 1], [1, "r", "g", 1], [1, 1, 1, 1]]
+    env = gym.make("PointMaze_UMaze-v3", maze_map=corridor, continuing_task=True, reset_target=False,
+                   max_episode_steps=60)
+    buffers = []
+    for seed in range(2):
+        obs, _ = env.reset(seed=seed)
+        observations, actions = [obs], []
+        for _ in range(12):
+            actions.append(env.action_space.sample())
+            observations.append(env.step(actions[-1])[0])
+        buffers.append(EpisodeBuffer(observations={k: np.stack([o[k] for o in observations]) for k in obs},
+                                     actions=np.stack(actions), rewards=np.zeros(12), terminations=np.zeros(12, bool),
+                                     truncations=np.arange(12) == 11))
+    minari.create_dataset_from_buffers(dataset_id=dataset_id, buffer=buffers, env=env.spec, eval_env=env.spec,
+                                       algorithm_name="random", ref_min_score=0.0, ref_max_score=1.0,
+                                       author="opal tests", author_email="opal@example.invalid",
+                                       code_permalink="tests/test_opal_fewshot_il.py", description="random steps",
+                                       data_format="hdf5")

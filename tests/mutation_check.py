@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("opal_vae.py", "opal_cql.py", "opal_fewshot_il.py", "collect_data.py")
+SCRIPTS = ("opal_vae.py", "opal_cql.py", "opal_fewshot_il.py", "opal_online_sac.py", "collect_data.py")
 
 # (name, original text, mutated text): the original must occur once in each script it occurs in
 MUTANTS = [
@@ -228,6 +228,25 @@ MUTANTS = [
     ("fs-pick-drops-last-row", "torch.arange(first_rows[e], first_rows[e] + lengths[e] + 1)",
      "torch.arange(first_rows[e], first_rows[e] + lengths[e])"),
     ("fs-pick-refuses-all", "if num_demos > len(lengths):", "if num_demos >= len(lengths):"),
+    # --- opal_online_sac.py ---
+    ("sac-smdp-undiscounted", "returns = returns + gamma ** steps.float() * rewards", "returns = returns + rewards"),
+    ("sac-smdp-discount-one-late", "returns = returns + gamma ** steps.float() * rewards",
+     "returns = returns + gamma ** (steps.float() + 1) * rewards"),
+    ("sac-smdp-ignores-episode-end", "return returns, steps, ended | (steps == c)", "return returns, steps, steps == c"),
+    ("sac-buffer-no-wrap", "index = (self.position + torch.arange(rows_added, device=rows[\"states\"].device)) % self.capacity",
+     "index = (self.position + torch.arange(rows_added, device=rows[\"states\"].device)).clamp_max(self.capacity - 1)"),
+    ("sac-target-bootstraps-at-done", "target = reward + (1 - done) * discount * next_value",
+     "target = reward + discount * next_value"),
+    ("sac-target-max-of-critics", "next_value = self.target_critics(s_next, next_choice).min(0).values",
+     "next_value = self.target_critics(s_next, next_choice).max(0).values"),
+    ("sac-critic-loss-mean-over-critics", "critic_loss = ((q - target) ** 2).mean(1).sum()",
+     "critic_loss = ((q - target) ** 2).mean()"),
+    ("sac-prior-penalty-sign", "log_prob - gaussian_log_prob(choice, *self.prior(s))",
+     "log_prob + gaussian_log_prob(choice, *self.prior(s))"),
+    ("sac-alpha-sign", "-(self.log_alpha * (penalty.detach() - self.penalty_target)).mean()",
+     "(self.log_alpha * (penalty.detach() - self.penalty_target)).mean()"),
+    ("sac-entropy-target-sign", "self.penalty_target = float(choice_dim) if prior is None",
+     "self.penalty_target = -float(choice_dim) if prior is None"),
 ]
 
 

@@ -4,7 +4,6 @@ families, demonstrations made by a policy, refusals."""
 import math
 from pathlib import Path
 
-import gymnasium as gym
 import minari
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import opal_fewshot_il as fs
-from conftest import assert_refused, run_script
+from conftest import assert_refused, corridor_dataset, run_script
 
 TINY = ["--policy-layers", 2, "--hidden-dim", 32, "--batch-size", 16, "--total-steps", 40, "--finetune-steps", 20,
         "--log-every", 10, "--eval-every", 20, "--eval-episodes", 2, "--eval-episodes-during", 2, "--num-envs", 2]
@@ -162,29 +161,6 @@ def test_fewshot_refusals(sandbox, datasets, vae_checkpoints, tmp_path):
                    "no default demonstration dataset for antmaze-large-diverse", "--demos-from-policy")
     with pytest.raises(SystemExit, match="--num-demos must be at least 1, got 0"):
         fs.Args(primitives="none", num_demos=0)
-
-
-def corridor_dataset(dataset_id: str):
-    """A two-cell PointMaze corridor, reset cell west of the goal cell, as a tiny Minari dataset of random steps."""
-    from minari.data_collector import EpisodeBuffer
-    corridor = [[1, 1, 1, 1], [1, "r", "g", 1], [1, 1, 1, 1]]
-    env = gym.make("PointMaze_UMaze-v3", maze_map=corridor, continuing_task=True, reset_target=False,
-                   max_episode_steps=60)
-    buffers = []
-    for seed in range(2):
-        obs, _ = env.reset(seed=seed)
-        observations, actions = [obs], []
-        for _ in range(12):
-            actions.append(env.action_space.sample())
-            observations.append(env.step(actions[-1])[0])
-        buffers.append(EpisodeBuffer(observations={k: np.stack([o[k] for o in observations]) for k in obs},
-                                     actions=np.stack(actions), rewards=np.zeros(12), terminations=np.zeros(12, bool),
-                                     truncations=np.arange(12) == 11))
-    minari.create_dataset_from_buffers(dataset_id=dataset_id, buffer=buffers, env=env.spec, eval_env=env.spec,
-                                       algorithm_name="random", ref_min_score=0.0, ref_max_score=1.0,
-                                       author="opal tests", author_email="opal@example.invalid",
-                                       code_permalink="tests/test_opal_fewshot_il.py", description="random steps",
-                                       data_format="hdf5")
 
 
 def test_demonstrations_from_a_policy(sandbox, tmp_path):

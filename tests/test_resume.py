@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, run_script
@@ -111,3 +112,47 @@ def test_fewshot_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets,
     for key in ("task_policy", "primitive_policy"):
         assert same_tensors(first[key], second[key]), f"{key} differs after resume"
     assert first["summary"]["last_normalized_score"] == second["summary"]["last_normalized_score"]
+
+
+SAC = ["--hidden-dim", 32, "--layers", 1, "--batch-size", 16, "--num-envs", 2, "--learning-starts", 40,
+       "--total-steps", 800, "--max-episode-steps", 50, "--log-every", 50, "--eval-every", 200, "--eval-episodes", 2,
+       "--eval-episodes-during", 2, "--eval-num-envs", 2, "--save-every", 100000]
+
+
+def eval_curve(run_dir: Path) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    curve = []
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        scalars = EventAccumulator(str(events)).Reload()
+        if "eval/closest_goal_distance" in scalars.Tags()["scalars"]:
+            curve += [(e.step, e.value) for e in scalars.Scalars("eval/closest_goal_distance")]
+    return sorted(curve)
+
+
+@pytest.mark.parametrize("mode", ["opal", "none"])
+def test_online_sac_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets, vae_checkpoints, mode):
+    """The replay buffer, the open high-level transitions and the training envs' episodes (replayed from their seeds)
+    come back: the resumed run's networks, buffer and evaluation curve are the uninterrupted run's."""
+    primitives = ["--vae-ckpt", vae_checkpoints["pointmaze"]] if mode == "opal" else ["--primitives", "none"]
+    common = [*SAC, "--dataset-id", datasets["pointmaze"], *primitives, "--seed", 4]
+    straight = run_script(sandbox, "opal_online_sac.py", *common, "--runs-dir", sandbox["base"] / f"sac-a-{mode}")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    code, stdout = interrupt_after_start(sandbox, "opal_online_sac.py",
+                                         [*common, "--runs-dir", sandbox["base"] / f"sac-b-{mode}"],
+                                         "step 200: normalized score", signal.SIGTERM)
+    assert code == 130 and "stopped by signal at SAC step" in stdout, stdout
+    interrupted = checkpoint_path(stdout, "opal_online_sac.pt")
+    saved = torch.load(interrupted, weights_only=True)
+    assert 200 < saved["step"] < 800 and saved["buffer"]["size"] > 0
+    resumed = run_script(sandbox, "opal_online_sac.py", "--resume", interrupted.parent)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    first = torch.load(checkpoint_path(straight.stdout, "opal_online_sac.pt"), weights_only=True)
+    second = torch.load(interrupted, weights_only=True)
+    assert second["finished"] and second["updates"] == first["updates"]
+    for key in ("task_policy", "critics", "target_critics"):
+        assert same_tensors(first[key], second[key]), f"{key} differs after resume"
+    assert same_tensors({k: v for k, v in first["buffer"].items() if torch.is_tensor(v)},
+                        {k: v for k, v in second["buffer"].items() if torch.is_tensor(v)})
+    curve = eval_curve(interrupted.parent)
+    assert [step for step, _ in curve] == [200, 400, 600, 800] and curve == eval_curve(
+        checkpoint_path(straight.stdout, "opal_online_sac.pt").parent)
