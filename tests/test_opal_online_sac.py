@@ -102,7 +102,7 @@ def test_sac_temperature_and_prior_penalty():
     assert moved == pytest.approx(args.critic_lr * (1 if losses["penalty"].item() > 4.0 else -1), rel=1e-3)
 
 
-def test_stored_transitions_add_up(sandbox, datasets, tmp_path):
+def test_stored_transitions_add_up(sandbox, datasets):
     """SAC+OPAL with c = 4 in a two-cell corridor, episodes cut at 10 steps: every episode is primitives of 4, 4
     and 2 steps (the last ends inside a primitive, at the time limit, and bootstraps), or ends earlier at the goal
     (done, R = γ^(k-1)); the steps of the stored and open transitions add up to the environment steps taken."""
