@@ -14,15 +14,16 @@ VAE = ["--num-steps", 1500, "--bc-steps", 300, "--hidden-dim", 16, "--gru-layers
        "--save-every", 100000, "--log-every", 50, "--picture-latents", 1]
 
 
-def interrupt_after_start(sandbox, script, arguments, marker, sig):
-    """Start `script`, send `sig` once `marker` appears on stdout, return (exit code, stdout)."""
+def interrupt_after_start(sandbox, script, arguments, marker, sig, delay=1.0):
+    """Start `script`, send `sig` `delay` seconds after `marker` appears on stdout, return (exit code, stdout).
+    The run must outlast the delay on the fastest machine: a signal after the end is not a resume test."""
     process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, arguments)], env=sandbox["env"],
                                cwd=sandbox["base"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines = []
     for line in process.stdout:
         lines.append(line)
         if marker in line:
-            time.sleep(1.0)
+            time.sleep(delay)
             process.send_signal(sig)
             break
     lines.extend(process.stdout)
@@ -114,7 +115,7 @@ def test_fewshot_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets,
 
 
 SAC = ["--hidden-dim", 32, "--layers", 1, "--batch-size", 16, "--num-envs", 2, "--learning-starts", 40,
-       "--total-steps", 800, "--max-episode-steps", 50, "--log-every", 50, "--eval-every", 200, "--eval-episodes", 2,
+       "--total-steps", 1200, "--max-episode-steps", 50, "--log-every", 50, "--eval-every", 300, "--eval-episodes", 2,
        "--eval-episodes-during", 2, "--eval-num-envs", 2, "--save-every", 100000]
 
 
@@ -138,11 +139,11 @@ def test_online_sac_interrupted_and_resumed_equals_uninterrupted(sandbox, datase
     assert straight.returncode == 0, straight.stderr[-2000:]
     code, stdout = interrupt_after_start(sandbox, "opal_online_sac.py",
                                          [*common, "--runs-dir", sandbox["base"] / f"sac-b-{mode}"],
-                                         "step 200: normalized score", signal.SIGTERM)
+                                         "step 300: normalized score", signal.SIGTERM, delay=0.0)
     assert code == 130 and "stopped by signal at SAC step" in stdout, stdout
     interrupted = checkpoint_path(stdout, "opal_online_sac.pt")
     saved = torch.load(interrupted, weights_only=True)
-    assert 200 < saved["step"] < 800 and saved["buffer"]["size"] > 0
+    assert 300 <= saved["step"] < 1200 and saved["buffer"]["size"] > 0
     resumed = run_script(sandbox, "opal_online_sac.py", "--resume", interrupted.parent)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     first = torch.load(checkpoint_path(straight.stdout, "opal_online_sac.pt"), weights_only=True)
@@ -153,5 +154,5 @@ def test_online_sac_interrupted_and_resumed_equals_uninterrupted(sandbox, datase
     assert same_tensors({k: v for k, v in first["buffer"].items() if torch.is_tensor(v)},
                         {k: v for k, v in second["buffer"].items() if torch.is_tensor(v)})
     curve = eval_curve(interrupted.parent)
-    assert [step for step, _ in curve] == [200, 400, 600, 800] and curve == eval_curve(
+    assert [step for step, _ in curve] == [300, 600, 900, 1200] and curve == eval_curve(
         checkpoint_path(straight.stdout, "opal_online_sac.pt").parent)
