@@ -131,6 +131,10 @@ class Args:
     """half-width of the std box, in standard deviations of the relabelled latents (ours)"""
     latent_margin: float = 0.0
     """widen the latent box by this fraction of its width on each side (ours)"""
+    prior_start_steps: int = 2_000
+    """with primitives: before RL, fit the task policy to the prior ρ(z|s) on the dataset's states for this many
+    gradient steps, so that it starts where the primitives are plausible (SPiRL starts from the prior; 0: a fresh
+    policy)"""
     prior_kl_target: Optional[float] = None
     """with primitives: replace SAC's entropy bonus by a KL penalty toward the VAE's prior ρ(z|s), its weight tuned
     so that KL(π(z|s) || ρ(z|s)) stays near this many nats (SPiRL's skill-prior RL); default: SAC's entropy bonus"""
@@ -171,8 +175,8 @@ class Args:
                 fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if self.total_steps < self.num_envs:
             fail(f"--total-steps ({self.total_steps}) must be at least --num-envs ({self.num_envs}).")
-        if self.eval_episodes_during < 0 or self.latent_margin < 0:
-            fail("--eval-episodes-during and --latent-margin cannot be negative.")
+        if self.eval_episodes_during < 0 or self.latent_margin < 0 or self.prior_start_steps < 0:
+            fail("--eval-episodes-during, --latent-margin and --prior-start-steps cannot be negative.")
         if self.latent_bound_std <= 0 or not (0 < self.gamma <= 1) or not (0 < self.tau <= 1):
             fail("--latent-bound-std must be positive, --gamma and --tau in (0, 1].")
         if self.primitives == "opal" and not self.vae_ckpt and not self.resume:
@@ -484,6 +488,29 @@ class SAC:
             self.log_alpha.copy_(saved["log_alpha"])
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(saved[name])
+
+
+def start_from_prior(task_policy, prior, states, steps: int, batch_size: int, lr: float, seed: int):
+    """Start π(z|s) as the prior ρ(z|s): SPiRL initialises its high-level policy with the skill prior's weights.
+    Our π is a tanh-Gaussian in the latent box, another network, so it is fitted instead (ours): maximum likelihood
+    of the prior's samples z ~ ρ(z|s) (kept inside the box) on the dataset's states. Returns E[log π(z|s)] before
+    and after, on the last batch."""
+    optimizer = torch.optim.Adam(task_policy.parameters(), lr=lr)
+    generator = torch.Generator(device=states.device).manual_seed(seed)
+    low, high = task_policy.center - task_policy.half_range, task_policy.center + task_policy.half_range
+    first = None
+    for _ in range(steps):
+        s = states[torch.randint(len(states), (batch_size,), device=states.device, generator=generator)]
+        with torch.no_grad():
+            mean, log_std = prior(s)
+            noise = torch.randn(mean.shape, device=mean.device, generator=generator)
+            z = torch.maximum(torch.minimum(mean + log_std.exp() * noise, high), low)
+        loss = -task_policy.log_prob(s, z).mean()  # forward KL(ρ || π) up to ρ's entropy
+        first = -loss.item() if first is None else first
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return first, -loss.item()
 
 
 # ======================================================================================================================
@@ -1055,6 +1082,11 @@ if __name__ == "__main__":
           f"steps on {args.num_envs} environments; run dir {run_dir}")
     agent = SAC(obs_dim, choice_low, choice_high, args, data["observations"],
                 prior if args.prior_kl_target is not None else None)
+    if prior is not None and args.prior_start_steps and resumed is None:
+        before, after = start_from_prior(agent.task_policy, prior, data["observations"], args.prior_start_steps,
+                                         args.batch_size, args.policy_lr, args.seed + 1)
+        print(f"task policy fitted to the prior ρ(z|s) in {args.prior_start_steps} steps: E[log π(z|s)] of the "
+              f"prior's latents {before:.2f} -> {after:.2f}")
     buffer = ReplayBuffer(args.buffer_size, obs_dim, len(choice_low), device)
     envs = TrainingEnvs(dataset, layout, args.num_envs, args.seed + 1_000_000, device, **make_kwargs)
     sampler = torch.Generator(device=device).manual_seed(args.seed)

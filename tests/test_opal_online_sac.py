@@ -102,6 +102,26 @@ def test_sac_temperature_and_prior_penalty():
     assert moved == pytest.approx(args.critic_lr * (1 if losses["penalty"].item() > 4.0 else -1), rel=1e-3)
 
 
+def test_start_from_prior_fits_the_task_policy_to_the_prior():
+    # a prior whose means vary with the state and sit inside the box: after fitting, π's own mean (before its tanh)
+    # is the prior's, its spread the prior's, and the prior's samples became likelier under π
+    torch.manual_seed(0)
+    prior = osac.Prior(3, 2, 16)
+    with torch.no_grad():
+        prior.net[-1].weight.mul_(5.0), prior.net[-1].bias.copy_(torch.tensor([0.5, -0.5, -1.0, -1.0]))
+    policy = osac.TanhGaussianPolicy(3, 2, -3 * torch.ones(2), 3 * torch.ones(2), 32, 2)
+    states = torch.randn(2000, 3)
+    before, after = osac.start_from_prior(policy, prior, states, 600, 256, 3e-3, seed=1)
+    assert after > before + 0.5
+    with torch.no_grad():
+        s = torch.randn(500, 3)
+        mean, log_std = prior(s)
+        fitted = policy(s, deterministic=True)[0]
+        assert (fitted - mean).abs().mean() < 0.1 and mean.std(0).min() > 0.3  # tracks a prior that varies
+        samples = torch.stack([policy(s)[0] for _ in range(64)])
+        assert torch.allclose(samples.std(0).mean(0), log_std.exp().mean(0), rtol=0.25)
+
+
 def test_stored_transitions_add_up(sandbox, datasets):
     """SAC+OPAL with c = 4 in a two-cell corridor, episodes cut at 10 steps: every episode is primitives of 4, 4
     and 2 steps (the last ends inside a primitive, at the time limit, and bootstraps), or ends earlier at the goal
