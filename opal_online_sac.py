@@ -116,6 +116,12 @@ class Args:
     # The task
     dense_reward: bool = False
     """mazes: the environment's dense reward exp(-distance to the goal) instead of the sparse 1 at the goal"""
+    reward_scale: float = 1.0
+    """training reward r' = reward_scale * r + reward_bias per environment step (evaluation reports the task's own
+    return); opal_cql.py uses CORL's antmaze shaping 10 r - 5"""
+    reward_bias: float = 0.0
+    """see --reward-scale; a negative bias makes every step cost, so that reaching the goal, which ends the
+    episode, is worth more than SAC's soft bonus collected by staying (IQL's antmaze convention: r - 1)"""
     max_episode_steps: Optional[int] = None
     """time limit of a training episode; default the evaluation task's (pointmaze-large: 800); evaluation keeps
     the task's"""
@@ -1151,6 +1157,7 @@ if __name__ == "__main__":
             actions = choices if primitive_policy is None else primitive_policy(states, choices)[0]
         next_states, rewards, dones, ended = envs.step(actions)
         ended_mask = torch.as_tensor(ended, device=device)
+        rewards = args.reward_scale * rewards + args.reward_bias
         returns, steps, closed = smdp_step(returns, steps, rewards, ended_mask, args.gamma, c)
         buffer.add(states=start_states[closed], choices=choices[closed], returns=returns[closed],
                    next_states=next_states[closed], dones=dones[closed], steps=steps[closed])

@@ -124,8 +124,10 @@ def test_start_from_prior_fits_the_task_policy_to_the_prior():
 
 def test_stored_transitions_add_up(sandbox, datasets):
     """SAC+OPAL with c = 4 in a two-cell corridor, episodes cut at 10 steps: every episode is primitives of 4, 4
-    and 2 steps (the last ends inside a primitive, at the time limit, and bootstraps), or ends earlier at the goal
-    (done, R = γ^(k-1)); the steps of the stored and open transitions add up to the environment steps taken."""
+    and 2 steps (the last ends inside a primitive, at the time limit, and bootstraps; the goal, a cell away, is
+    rarely reached so soon, and a goal transition is checked by hand in test_smdp_step_by_hand); the steps of the
+    stored and open transitions add up to the environment steps taken. The training reward is shaped, r' = 2 r - 1:
+    every step without the goal costs 1."""
     corridor_dataset("test/corridor-sac-v0")
     vae = run_script(sandbox, "opal_vae.py", "--dataset-id", "test/corridor-sac-v0", "--c", 4, "--num-steps", 20,
                      "--bc-steps", 5, "--hidden-dim", 16, "--gru-layers", 1, "--batch-size", 8, "--picture-latents", 1,
@@ -133,15 +135,18 @@ def test_stored_transitions_add_up(sandbox, datasets):
     assert vae.returncode == 0, vae.stderr[-3000:]
     vae_path = [line for line in vae.stdout.splitlines() if line.startswith("checkpoint: ")][-1].split(": ", 1)[1]
     result = run_sac(sandbox, "--dataset-id", "test/corridor-sac-v0", "--vae-ckpt", vae_path, "--total-steps", 200,
-                     "--max-episode-steps", 10, "--gamma", 0.9, "--eval-every", 100)
+                     "--max-episode-steps", 10, "--gamma", 0.9, "--eval-every", 100, "--reward-scale", 2,
+                     "--reward-bias", -1)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = checkpoint_of(result)
     buffer, opened = payload["buffer"], payload["open"]
     steps, dones, returns = buffer["steps"], buffer["dones"].bool(), buffer["returns"]
     assert payload["c"] == 4 and buffer["size"] == len(steps) > 0
     assert ((steps >= 1) & (steps <= 4)).all()
-    assert torch.equal(returns[dones], 0.9 ** (steps[dones] - 1))  # sparse: the goal's 1, on the last step
-    assert (returns[~dones] == 0).all() and set(steps[~dones].tolist()) <= {4.0, 2.0}
+    costs = -(1 - 0.9 ** steps) / (1 - 0.9)  # Σ_{t<k} γ^t (-1)
+    assert torch.allclose(returns[dones], costs[dones] + 2 * 0.9 ** (steps[dones] - 1))  # the goal, on the last step
+    assert (~dones).any() and torch.allclose(returns[~dones], costs[~dones])
+    assert set(steps[~dones].tolist()) <= {4.0, 2.0}
     assert (steps[~dones] == 2).any()  # time-limit ends inside a primitive happened
     assert steps.sum().item() + opened["steps"][~opened["needs_choice"]].sum().item() == 200
     assert 0 < payload["updates"] <= len(steps)  # one update per transition closed after the warm-up
