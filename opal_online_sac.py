@@ -6,9 +6,11 @@ a latent z, held for c environment steps through the frozen primitive policy π_
 high-level step is one transition of a semi-MDP, (s, z, R = Σ_{t<k} γ^t r_t, s', done, k), where k ≤ c counts the
 steps the primitive really ran (fewer when the episode ends inside it); it is backed up with the same high-level
 discount as `opal_cql.py`. `--primitives none` is the identical SAC on raw actions (c = 1), the baseline.
-The environment is the dataset's evaluation task with a sparse reward (1 at the goal, which ends the episode); the
-dataset serves only the primitives' latent box (as in `opal_cql.py`) and the networks' state statistics. Ours: the
-SAC defaults are CleanRL's, the budget is a CPU's; the paper gives neither for this use.
+The environment is the dataset's evaluation task with a sparse reward (1 at the goal, which ends the episode),
+trained on as r - 1 (every step costs 1: see --reward-bias); the dataset serves only the primitives' latent box
+(as in `opal_cql.py`), the networks' state statistics and the states on which the task policy is first fitted to
+the prior ρ(z|s) (as SPiRL starts from its skill prior). Ours: the SAC defaults are CleanRL's, the budget is a
+CPU's; the paper gives neither for this use.
 
 A *choice* below is what the task policy outputs and the critics score: the latent z with primitives (held for c
 steps), the raw action a without them (c = 1). The same code handles both.
@@ -119,9 +121,10 @@ class Args:
     reward_scale: float = 1.0
     """training reward r' = reward_scale * r + reward_bias per environment step (evaluation reports the task's own
     return); opal_cql.py uses CORL's antmaze shaping 10 r - 5"""
-    reward_bias: float = 0.0
-    """see --reward-scale; a negative bias makes every step cost, so that reaching the goal, which ends the
-    episode, is worth more than SAC's soft bonus collected by staying (IQL's antmaze convention: r - 1)"""
+    reward_bias: float = -1.0
+    """see --reward-scale. Every step costs 1 (ours; IQL's antmaze reward r - 1): with the task's 0/1, SAC's soft
+    bonus, positive while α is large, pays for staying, and reaching the goal, which ends the episode, stops it;
+    measured in docs/opal_online_sac.md. 0: the task's reward"""
     max_episode_steps: Optional[int] = None
     """time limit of a training episode; default the evaluation task's (pointmaze-large: 800); evaluation keeps
     the task's"""
