@@ -13,7 +13,8 @@ import opal_online_sac as osac
 from conftest import assert_refused, corridor_dataset, run_script
 
 TINY = ["--hidden-dim", 32, "--layers", 1, "--batch-size", 16, "--num-envs", 2, "--learning-starts", 40,
-        "--log-every", 20, "--eval-episodes", 2, "--eval-episodes-during", 2, "--eval-num-envs", 2]
+        "--prior-start-steps", 100, "--log-every", 20, "--eval-episodes", 2, "--eval-episodes-during", 2,
+        "--eval-num-envs", 2]
 
 
 def run_sac(sandbox, *arguments):

@@ -115,8 +115,9 @@ def test_fewshot_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets,
 
 
 SAC = ["--hidden-dim", 32, "--layers", 1, "--batch-size", 16, "--num-envs", 2, "--learning-starts", 40,
-       "--total-steps", 1200, "--max-episode-steps", 50, "--log-every", 50, "--eval-every", 300, "--eval-episodes", 2,
-       "--eval-episodes-during", 2, "--eval-num-envs", 2, "--save-every", 100000]
+       "--prior-start-steps", 100, "--total-steps", 1200, "--max-episode-steps", 50, "--log-every", 50,
+       "--eval-every", 300, "--eval-episodes", 2, "--eval-episodes-during", 2, "--eval-num-envs", 2,
+       "--save-every", 100000]
 
 
 def eval_curve(run_dir: Path) -> list:
