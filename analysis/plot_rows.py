@@ -1,7 +1,8 @@
 """Plots of chosen rows of a grid's report, with short labels (the grid's own plots carry every experiment).
 
-    python analysis/plot_rows.py runs/grids/pointmaze_large/records.jsonl docs/online_sac_pointmaze_large \
-        sac_opal_from_prior_bias1="SAC+OPAL (defaults)" sac_raw_bias1="SAC (same reward)"
+    python analysis/plot_rows.py <records.jsonl> <output prefix> <experiment>="<label>" ...
+    e.g. python analysis/plot_rows.py runs/grids/pointmaze_large/records.jsonl docs/online_sac_pointmaze_large
+             sac_opal_from_prior_bias1="SAC+OPAL (defaults)" sac_raw_bias1="SAC (same reward)"
 
 writes <prefix>_curves.png and <prefix>_intervals.png with the report's own plotting (IQM, 95% bootstrap CIs)
 from the finished runs in the records file (written by `analysis/grid.py`), one row per experiment name.
