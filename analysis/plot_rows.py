@@ -1,11 +1,12 @@
 """Plots of chosen rows of a grid's report, with short labels (the grid's own plots carry every experiment).
 
-    python analysis/plot_rows.py <records.jsonl> <output prefix> <experiment>="<label>" ...
-    e.g. python analysis/plot_rows.py runs/grids/pointmaze_large/records.jsonl docs/online_sac_pointmaze_large
-             sac_opal_from_prior_bias1="SAC+OPAL (defaults)" sac_raw_bias1="SAC (same reward)"
+    python analysis/plot_rows.py <records.jsonl> <output prefix> [dataset=<id>] <experiment>="<label>" ...
+    e.g. python analysis/plot_rows.py results/online_sac_runs.jsonl docs/online_sac_pointmaze_large
+             dataset=opal/pointmaze-large-diverse-v0 sac_opal_from_prior_bias1="SAC+OPAL (defaults)" ...
 
 writes <prefix>_curves.png and <prefix>_intervals.png with the report's own plotting (IQM, 95% bootstrap CIs)
-from the finished runs in the records file (written by `analysis/grid.py`), one row per experiment name.
+from the finished runs in a records file (`analysis/grid.py` writes them), one row per experiment name, only the
+runs on `dataset` if given (a records file may hold several grids).
 """
 import json
 import sys
@@ -19,9 +20,11 @@ if __name__ == "__main__":
     if len(sys.argv) < 4:
         raise SystemExit(__doc__)
     records = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
-    scores = {}
-    for row in sys.argv[3:]:
-        experiment, label = row.split("=", 1)
+    scores, rows = {}, dict(row.split("=", 1) for row in sys.argv[3:])
+    if "dataset" in rows:
+        dataset = rows.pop("dataset")
+        records = [record for record in records if record["dataset_id"] == dataset]
+    for experiment, label in rows.items():
         runs = sorted((r for r in records if r["args"].get("exp_name") == experiment), key=lambda r: r["seed"])
         if not runs:
             raise SystemExit(f"error: no finished run of {experiment} in {sys.argv[1]}")
