@@ -502,8 +502,8 @@ class SAC:
 def start_from_prior(task_policy, prior, states, steps: int, batch_size: int, lr: float, seed: int):
     """Start π(z|s) as the prior ρ(z|s): SPiRL initialises its high-level policy with the skill prior's weights.
     Our π is a tanh-Gaussian in the latent box, another network, so it is fitted instead (ours): maximum likelihood
-    of the prior's samples z ~ ρ(z|s) (kept inside the box) on the dataset's states. Returns E[log π(z|s)] before
-    and after, on the last batch."""
+    of the prior's samples z ~ ρ(z|s) (kept inside the box) on the dataset's states. Returns E[log π(z|s)] on the
+    first batch (before any step) and on the last."""
     optimizer = torch.optim.Adam(task_policy.parameters(), lr=lr)
     generator = torch.Generator(device=states.device).manual_seed(seed)
     low, high = task_policy.center - task_policy.half_range, task_policy.center + task_policy.half_range
@@ -513,7 +513,7 @@ def start_from_prior(task_policy, prior, states, steps: int, batch_size: int, lr
         with torch.no_grad():
             mean, log_std = prior(s)
             noise = torch.randn(mean.shape, device=mean.device, generator=generator)
-            z = torch.maximum(torch.minimum(mean + log_std.exp() * noise, high), low)
+            z = (mean + log_std.exp() * noise).clamp(low, high)  # as the warm-up draws them
         loss = -task_policy.log_prob(s, z).mean()  # forward KL(ρ || π) up to ρ's entropy
         first = -loss.item() if first is None else first
         optimizer.zero_grad(set_to_none=True)

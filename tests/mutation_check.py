@@ -247,8 +247,8 @@ MUTANTS = [
      "(self.log_alpha * (penalty.detach() - self.penalty_target)).mean()"),
     ("sac-entropy-target-sign", "self.penalty_target = float(choice_dim) if prior is None",
      "self.penalty_target = -float(choice_dim) if prior is None"),
-    ("sac-prior-start-ignores-spread", "z = torch.maximum(torch.minimum(mean + log_std.exp() * noise, high), low)",
-     "z = torch.maximum(torch.minimum(mean, high), low)"),
+    ("sac-prior-start-ignores-spread", "z = (mean + log_std.exp() * noise).clamp(low, high)",
+     "z = mean.clamp(low, high)"),
 ]
 
 
