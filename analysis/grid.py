@@ -234,6 +234,12 @@ def run_grid(grid: dict, args: Args) -> int:
                 for key, path in latest.items() if is_finished(path)}
     for key in finished:
         print(f"skip      {key}: finished before", flush=True)
+    # a run kept in the records file whose folder is gone has finished too, unless a run to do needs its checkpoint
+    recorded = set(matching_records(grid)) - set(finished)
+    needed = {run["vae"] for run in runs if run["key"] not in finished and run["key"] not in recorded}
+    for key in sorted(recorded - needed):
+        finished[key] = {"key": key, "status": "finished", "checkpoint": None}
+        print(f"skip      {key}: kept in the records file", flush=True)
     todo = [run for run in runs if run["key"] not in finished]
     if not todo:
         return 0

@@ -162,7 +162,7 @@ def test_progress_is_read_from_the_runs_progress_bar(tmp_path):
     assert "1 running, 1 queued, 1 finished" in line and "ETA ~13 min" in line
 
 
-def test_the_report_by_hand_and_from_the_records_file_alone(tmp_path):
+def test_the_report_by_hand_and_from_the_records_file_alone(tmp_path, capsys):
     grid_file = tmp_path / "g.toml"
     grid_file.write_text(f'runs_dir = "{tmp_path / "runs"}"\nrecords = "{tmp_path / "kept.jsonl"}"\n'
                          '[experiments.raw]\nscript = "opal_cql.py"\nlabel = "CQL"\nseeds = [1, 2, 3, 4, 5]\n'
@@ -183,6 +183,10 @@ def test_the_report_by_hand_and_from_the_records_file_alone(tmp_path):
     for run in grid["runs"]:
         shutil.rmtree(run["dir"])
     assert [line for line in gr.report(grid).splitlines() if line.startswith("| opal/")] == row
+    # and running the grid again runs none of them (Ray never starts: nothing is left to do)
+    capsys.readouterr()
+    assert gr.run_grid(grid, gr.Args(grid=str(grid_file))) == 0
+    assert capsys.readouterr().out.count(": kept in the records file") == 5
 
 
 def start_a_long_run(sandbox, datasets, tmp_path, experiment: str):
