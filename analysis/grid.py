@@ -111,7 +111,11 @@ def load_grid(path: Path, only: Optional[str] = None) -> dict:
         if run["vae"] is not None and run["vae"] not in keys:
             raise SystemExit(f"error: {run['key']} needs {run['vae']}, which the grid does not run (add its seed)")
     records = grid.get("records")
-    return {"name": name, "dir": grid_dir, "runs": runs, "records": ROOT / records if records else None}
+    # the report goes next to the runs, or, where runs_dir is set (a runs folder other grids may share), into a
+    # folder of the grid's own name inside it, so that two grids' tables never overwrite each other
+    report_dir = grid_dir / name if "runs_dir" in grid else grid_dir
+    return {"name": name, "dir": grid_dir, "report_dir": report_dir, "runs": runs,
+            "records": ROOT / records if records else None}
 
 
 def latest_checkpoint(run: dict) -> Optional[Path]:
@@ -392,10 +396,10 @@ def interval_estimates(per_run: list) -> dict:
 
 
 def report(grid: dict, import_runs=()) -> str:
-    """Write table.md, intervals.png, curves.png and records.jsonl next to the grid's runs; return the table."""
+    """Write table.md, intervals.png, curves.png and records.jsonl into the grid's report folder; return the table."""
     matched = matching_records(grid, import_runs)
-    grid["dir"].mkdir(parents=True, exist_ok=True)
-    (grid["dir"] / "records.jsonl").write_text("".join(json.dumps(matched[key]) + "\n" for key in sorted(matched)))
+    grid["report_dir"].mkdir(parents=True, exist_ok=True)
+    (grid["report_dir"] / "records.jsonl").write_text("".join(json.dumps(matched[key]) + "\n" for key in sorted(matched)))
     if grid["records"] is not None:  # the records file keeps every matched run, so the table outlives the run folders
         kept = {}
         if grid["records"].exists():
@@ -449,9 +453,9 @@ def report(grid: dict, import_runs=()) -> str:
                   "action MSE | rollout xy error, encoder z | rollout xy error, prior mean | β-VAE steps/s |",
                   "|---|---|---|---|---|---|---|---|---|---|", *vae_rows, ""]
     table = "\n".join(lines)
-    (grid["dir"] / "table.md").write_text(table)
+    (grid["report_dir"] / "table.md").write_text(table)
     if scores:
-        plot(scores, grid["dir"])
+        plot(scores, grid["report_dir"])
     return table
 
 

@@ -69,14 +69,14 @@ def test_a_tiny_grid_runs_on_ray_reports_and_skips_finished_runs(sandbox, datase
         saved = torch.load(next((tmp_path / "runs" / "opal" / f"seed{seed}").glob("*/opal_cql.pt")), weights_only=True)
         assert saved["finished"] and saved["args"]["vae_ckpt"] == str(vae_ckpt) and saved["seed"] == seed
     # the table: one row per policy experiment with its 2 runs, the VAE's row, and the failed experiment has none
-    table = (tmp_path / "runs" / "table.md").read_text()
+    table = (tmp_path / "runs" / "tiny" / "table.md").read_text()  # runs_dir set: the report in a folder "tiny"
     assert table in out
     rows = {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith("| opal/")}
     assert set(rows) == {"CQL", "CQL+OPAL", "vae"}
     for label in ("CQL", "CQL+OPAL"):
         assert rows[label].split("|")[3].strip() == "2"
     for picture in ("intervals.png", "curves.png"):
-        assert (tmp_path / "runs" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / "runs" / "tiny" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
     assert len(kept) == 5 and all(record["curve"] for record in kept if record["script"] == "opal_cql.py")
 
