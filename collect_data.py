@@ -12,9 +12,12 @@ Kinds of data:
   expert   demonstrations from the evaluation reset cell to the evaluation goal cell (few-shot imitation).
   random   uniformly random actions in the real environment, for any alias including antmaze and
            kitchen: tiny stand-ins with the D4RL keys and shapes, used by the tests.
+  metaworld-pick-place (expert, its only kind): Meta-World's scripted pick-place-v3 policy with Gaussian action
+           noise, object and goal drawn afresh every episode: the source data of the paper's multi-task transfer.
 
 Run:    python collect_data.py --env pointmaze-large                 # 1,000,000 steps, a few minutes
         python collect_data.py --env pointmaze-large --kind expert --episodes 10
+        python collect_data.py --env metaworld-pick-place                # 1,000 episodes, about 2 minutes
 Writes: $MINARI_DATASETS_PATH/<dataset id>/  (default ~/.minari/datasets), e.g. opal/pointmaze-large-diverse-v0
 """
 
@@ -53,25 +56,35 @@ from gymnasium_robotics.envs.maze import maps  # noqa: E402
 class Args:
     env: Literal[
         "pointmaze-umaze", "pointmaze-medium", "pointmaze-large",
-        "antmaze-umaze", "antmaze-medium", "antmaze-large", "kitchen",
+        "antmaze-umaze", "antmaze-medium", "antmaze-large", "kitchen", "metaworld-pick-place",
     ] = "pointmaze-large"
-    """which environment to collect in (antmaze-* and kitchen only with --kind random)"""
-    kind: Literal["diverse", "expert", "random"] = "diverse"
-    """diverse: D4RL-style undirected data; expert: demonstrations of the evaluation task; random: random actions"""
+    """which environment to collect in (antmaze-* and kitchen only with --kind random, metaworld-pick-place only
+    with --kind expert)"""
+    kind: Optional[Literal["diverse", "expert", "random"]] = None
+    """diverse: D4RL-style undirected data; expert: demonstrations of the evaluation task (Meta-World: of
+    pick-place-v3); random: random actions. Default: expert for metaworld-pick-place, diverse otherwise"""
     dataset_id: Optional[str] = None
     """Minari id to write; default opal/<env>-<kind>-v0 (opal/<env>-expert-anywhere-v0 with --starts anywhere)"""
     steps: Optional[int] = None
     """total environment steps (diverse, random); default 1,000,000 for diverse, 10,000 for random"""
     episode_length: int = 1000
     """steps per episode for diverse and random data (D4RL antmaze uses 1000)"""
-    episodes: int = 30
-    """number of demonstrations for --kind expert (more than the 10 a few-shot run imitates, so that its seeds
-    draw different ones)"""
+    episodes: Optional[int] = None
+    """number of demonstrations for --kind expert; default 30 in a maze (more than the 10 a few-shot run imitates,
+    so that its seeds draw different ones), 1,000 for metaworld-pick-place (ours: ~90,000 steps)"""
     starts: Literal["reset", "anywhere"] = "reset"
     """--kind expert: demonstrations, and the evaluation task written with them, start at the evaluation reset cell
     (D4RL's task) or at any free cell (a harder task: start cells the demonstrations may never have visited)"""
     action_noise: float = 0.2
-    """std of the Gaussian noise added to the PD controller's action (our choice; D4RL's noisy maze2d used 0.5)"""
+    """std of the Gaussian noise added to the PD controller's action, or to Meta-World's scripted policy's (our
+    choice; D4RL's noisy maze2d used 0.5; at 0.2 the pick-place expert still succeeds in 10 of 10 episodes)"""
+    settle_steps: int = 25
+    """metaworld-pick-place: an episode ends this many steps after its first success (ours: the rest of Meta-World's
+    500 steps is the arm holding the object still), or at 500 steps without one"""
+
+    def __post_init__(self):
+        if self.kind is None:
+            self.kind = "expert" if self.env == "metaworld-pick-place" else "diverse"
     seed: int = 0
     """seed of the environment and of the noise"""
     overwrite: bool = False
@@ -90,6 +103,7 @@ ANT_IDS = {"umaze": "AntMaze_UMaze-v4", "medium": "AntMaze_Medium_Diverse_GR-v4"
 KITCHEN_TASKS = ["microwave", "kettle", "bottom burner", "light switch"]  # D4RL kitchen-mixed/partial tasks
 PD_GAINS = (10.0, -1.0)  # p on the position error, d on the velocity: the D4RL maze2d controller's gains
 SUCCESS_RADIUS = 0.45
+METAWORLD_TASK = "pick-place-v3"  # the paper's source task for the multi-task transfer
 
 
 def eval_map(maze_map, reset_cell, goal_cell, anywhere=False):
@@ -166,8 +180,9 @@ def simulator(env):
     return getattr(inner, "point_env", None) or getattr(inner, "ant_env", None)
 
 
-def run_episode(env, policy, seed, options=None, max_steps=None):
-    """One episode as an EpisodeBuffer with D4RL's infos (success, qpos, qvel, goal; one row per observation)."""
+def run_episode(env, policy, seed, options=None, max_steps=None, settle_steps=None):
+    """One episode as an EpisodeBuffer with D4RL's infos (success, qpos, qvel, goal; one row per observation);
+    `settle_steps`: truncate it that many steps after the first success."""
     obs, info = env.reset(seed=seed, options=options)
     sim = simulator(env)
     observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
@@ -178,6 +193,9 @@ def run_episode(env, policy, seed, options=None, max_steps=None):
         action = policy(obs)
         obs, reward, terminated, truncated, info = env.step(action)
         truncated = truncated or (max_steps is not None and len(actions) + 1 >= max_steps)
+        first_success = infos["success"].index(True) if True in infos["success"] else None
+        truncated = truncated or (settle_steps is not None and first_success is not None
+                                  and len(actions) + 1 - first_success >= settle_steps)
         observations.append(obs)
         actions.append(action)
         rewards.append(reward)
@@ -205,6 +223,8 @@ def stack_tree(items):
 
 def collect(args: Args):
     """Episodes for args.kind; returns (buffers, data env, eval env)."""
+    if args.env == "metaworld-pick-place":
+        return collect_metaworld(args)
     total_steps = args.steps if args.steps is not None else (1_000_000 if args.kind == "diverse" else 10_000)
     episode_length = min(args.episode_length, total_steps)
     data_env, eval_env = env_specs(args, episode_length)
@@ -226,7 +246,7 @@ def collect(args: Args):
     if args.kind == "expert":
         reset_cell = np.array(MAZES[size]["reset_cell"]) if args.starts == "reset" else None  # None: drawn by the env
         options = {"reset_cell": reset_cell, "goal_cell": np.array(MAZES[size]["goal_cell"])}
-        for episode in tqdm(range(args.episodes), desc="demonstrations"):
+        for episode in tqdm(range(args.episodes or 30), desc="demonstrations"):
             buffers.append(run_episode(data_env, policy, seed=args.seed + episode, options=options))
         return buffers, data_env, eval_env
     with tqdm(total=total_steps, desc=f"{args.kind} {args.env}", unit="step") as progress:
@@ -238,6 +258,26 @@ def collect(args: Args):
             steps += len(buffer.rewards)
             progress.update(len(buffer.rewards))
     return buffers, data_env, eval_env
+
+
+def collect_metaworld(args: Args):
+    """Meta-World pick-place-v3 episodes of its scripted policy plus N(0, action_noise²) noise, clipped to [-1, 1];
+    returns (buffers, the environment, None). The environment draws the object and goal positions at every reset
+    from its own generator, seeded when it is made (reset's seed does not move them), so the data repeats by seed.
+    Meta-World's environments are registered with a Python function as entry point, which Minari cannot store: the
+    dataset keeps no environment spec (the transfer script makes Meta-World's environments itself)."""
+    import metaworld  # noqa: F401  (registers the Meta-World/ environments)
+    from metaworld.policies import SawyerPickPlaceV3Policy
+
+    env = gym.make("Meta-World/MT1", env_name=METAWORLD_TASK, seed=args.seed)
+    expert, rng = SawyerPickPlaceV3Policy(), np.random.default_rng(args.seed)
+    policy = lambda obs: np.clip(expert.get_action(obs) + args.action_noise * rng.standard_normal(4),
+                                 -1.0, 1.0).astype(np.float32)
+    episodes = args.episodes or 1_000
+    buffers = [run_episode(env, policy, seed=args.seed + episode, max_steps=args.episode_length,
+                           settle_steps=args.settle_steps)
+               for episode in tqdm(range(episodes), desc=f"{METAWORLD_TASK} expert")]
+    return buffers, env, None
 
 
 def verify(dataset, buffers, maze=None):
@@ -286,12 +326,19 @@ def write_dataset(args: Args, dataset_id: str, buffers, data_env, eval_env):
     previous = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(staging)
     try:
+        # D4RL's reference scores: mazes 0 / 1 (success), kitchen 0 / 4 (tasks completed); Meta-World: no spec
+        # to store (see collect_metaworld), so the spaces instead (Meta-World's own declares the goal's 3 numbers
+        # as always 0, which its observations are not) and no reference scores
+        if eval_env is not None:
+            spec = dict(env=data_env, eval_env=eval_env.spec, ref_min_score=0.0,
+                        ref_max_score=1.0 if "maze" in args.env else 4.0)
+        else:
+            spec = dict(action_space=data_env.action_space, observation_space=gym.spaces.Box(
+                -np.inf, np.inf, data_env.observation_space.shape, np.float64))
         dataset = minari.create_dataset_from_buffers(
-            dataset_id=dataset_id, buffer=buffers, env=data_env, eval_env=eval_env.spec,
+            dataset_id=dataset_id, buffer=buffers, **spec,
             algorithm_name=f"opal collect_data.py --kind {args.kind}", author="opal",
             author_email="opal@example.invalid", code_permalink="collect_data.py",
-            # D4RL's reference scores: mazes 0 / 1 (success), kitchen 0 / 4 (tasks completed)
-            ref_min_score=0.0, ref_max_score=1.0 if "maze" in args.env else 4.0,
             description=f"{args.kind} data for {args.env} (seed {args.seed}, action noise {args.action_noise})",
             data_format="hdf5",
         )
@@ -316,9 +363,15 @@ def write_dataset(args: Args, dataset_id: str, buffers, data_env, eval_env):
 
 
 def main(args: Args):
-    if args.kind != "random" and not args.env.startswith("pointmaze"):
+    metaworld = args.env == "metaworld-pick-place"
+    if metaworld and (args.kind != "expert" or args.starts != "reset"):
+        raise SystemExit(f"metaworld-pick-place data is the scripted expert's only (--kind expert, its default), "
+                         f"without --starts; got --kind {args.kind} --starts {args.starts}.")
+    if args.kind != "random" and not args.env.startswith("pointmaze") and not metaworld:
         raise SystemExit(f"--kind {args.kind} is implemented for pointmaze only; use --kind random for {args.env}.")
-    for name in ("steps", "episode_length", "episodes"):
+    if metaworld:  # Meta-World's episodes are at most 500 steps
+        args.episode_length = min(args.episode_length, 500)
+    for name in ("steps", "episode_length", "episodes", "settle_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}.")

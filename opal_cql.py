@@ -520,8 +520,9 @@ ENV_ALIASES = {
     "pointmaze-umaze": "opal/pointmaze-umaze-diverse-v0",
     "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
     "pointmaze-large": "opal/pointmaze-large-diverse-v0",
+    "metaworld-pick-place": "opal/metaworld-pick-place-expert-v0",
 }
-GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large))-(diverse|expert)(-anywhere)?-v0")
+GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large)|metaworld-pick-place)-(diverse|expert)(-anywhere)?-v0")
 
 
 def fail(message: str):
@@ -860,8 +861,16 @@ class Loop:
 
 
 # --- shared: evaluation ---
+def evaluation_env(dataset, **make_kwargs):
+    """The dataset's evaluation environment, or a refusal where the dataset stores none."""
+    if dataset.env_spec is None:
+        fail(f"{dataset.spec.dataset_id} stores no environment to act in (Meta-World's data cannot: its environments "
+             "are not serialisable), so no policy can be evaluated on it here; it is data for opal_vae.py.")
+    return dataset.recover_environment(eval_env=True, **make_kwargs)
+
+
 def make_eval_envs(dataset, num_envs, **make_kwargs):
-    return gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True, **make_kwargs)] * num_envs)
+    return gym.vector.SyncVectorEnv([lambda: evaluation_env(dataset, **make_kwargs)] * num_envs)
 
 
 @torch.no_grad()
@@ -1000,7 +1009,7 @@ if __name__ == "__main__":
     c = vae["c"] if vae is not None else 1
 
     # OPAL §4.1: relabel into high-level transitions (s_0, z, R = Σ γ^t r'_t, s_k, done), windows inside one episode
-    rewards, dones = task_rewards(data, dataset.recover_environment(eval_env=True), args.reward_scale, args.reward_bias)
+    rewards, dones = task_rewards(data, evaluation_env(dataset), args.reward_scale, args.reward_bias)
     starts = window_starts(data["episode_lengths"], c, stride=args.relabel_stride or c).to(device)
     if len(starts) == 0:
         fail(f"every episode of {dataset_id} is shorter than c = {c} steps; there are no windows to relabel.")

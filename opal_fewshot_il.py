@@ -323,8 +323,9 @@ ENV_ALIASES = {
     "pointmaze-umaze": "opal/pointmaze-umaze-diverse-v0",
     "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
     "pointmaze-large": "opal/pointmaze-large-diverse-v0",
+    "metaworld-pick-place": "opal/metaworld-pick-place-expert-v0",
 }
-GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large))-(diverse|expert)(-anywhere)?-v0")
+GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large)|metaworld-pick-place)-(diverse|expert)(-anywhere)?-v0")
 
 
 def fail(message: str):
@@ -663,8 +664,16 @@ class Loop:
 
 
 # --- shared: evaluation ---
+def evaluation_env(dataset, **make_kwargs):
+    """The dataset's evaluation environment, or a refusal where the dataset stores none."""
+    if dataset.env_spec is None:
+        fail(f"{dataset.spec.dataset_id} stores no environment to act in (Meta-World's data cannot: its environments "
+             "are not serialisable), so no policy can be evaluated on it here; it is data for opal_vae.py.")
+    return dataset.recover_environment(eval_env=True, **make_kwargs)
+
+
 def make_eval_envs(dataset, num_envs, **make_kwargs):
-    return gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True, **make_kwargs)] * num_envs)
+    return gym.vector.SyncVectorEnv([lambda: evaluation_env(dataset, **make_kwargs)] * num_envs)
 
 
 @torch.no_grad()
@@ -828,7 +837,7 @@ def make_demonstrations(args, demo_id: str):
     its dataset's evaluation environment (the task the demonstrations will show)."""
     payload = load_checkpoint(args.demos_from_policy, "opal_cql")
     source = load_minari_dataset(payload["dataset_id"])
-    env = source.recover_environment(eval_env=True)
+    env = evaluation_env(source)
     task_policy, primitive_policy = policies_from_checkpoint(payload)
     print(f"making {demo_id}: up to {args.num_demos} successful episodes of {args.demos_from_policy} in "
           f"{env.spec.id} ({args.demo_attempts} attempts at most)")

@@ -535,8 +535,9 @@ ENV_ALIASES = {
     "pointmaze-umaze": "opal/pointmaze-umaze-diverse-v0",
     "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
     "pointmaze-large": "opal/pointmaze-large-diverse-v0",
+    "metaworld-pick-place": "opal/metaworld-pick-place-expert-v0",
 }
-GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large))-(diverse|expert)(-anywhere)?-v0")
+GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large)|metaworld-pick-place)-(diverse|expert)(-anywhere)?-v0")
 
 
 def fail(message: str):
@@ -875,8 +876,16 @@ class Loop:
 
 
 # --- shared: evaluation ---
+def evaluation_env(dataset, **make_kwargs):
+    """The dataset's evaluation environment, or a refusal where the dataset stores none."""
+    if dataset.env_spec is None:
+        fail(f"{dataset.spec.dataset_id} stores no environment to act in (Meta-World's data cannot: its environments "
+             "are not serialisable), so no policy can be evaluated on it here; it is data for opal_vae.py.")
+    return dataset.recover_environment(eval_env=True, **make_kwargs)
+
+
 def make_eval_envs(dataset, num_envs, **make_kwargs):
-    return gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True, **make_kwargs)] * num_envs)
+    return gym.vector.SyncVectorEnv([lambda: evaluation_env(dataset, **make_kwargs)] * num_envs)
 
 
 @torch.no_grad()
@@ -978,7 +987,7 @@ class TrainingEnvs:
     uninterrupted run exactly."""
 
     def __init__(self, dataset, layout, num_envs: int, first_seed: int, device, **make_kwargs):
-        make = lambda: dataset.recover_environment(eval_env=True, **make_kwargs)
+        make = lambda: evaluation_env(dataset, **make_kwargs)
         self.envs = gym.vector.SyncVectorEnv([make] * num_envs, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
         self.layout, self.device, self.next_seed = layout, device, first_seed
         self.act_low, self.act_high = dataset.action_space.low, dataset.action_space.high

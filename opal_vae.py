@@ -60,7 +60,8 @@ class Args:
     """seed of torch, numpy and the batch sampler"""
     env: str = "pointmaze-large"
     """dataset alias: antmaze-medium-diverse, antmaze-large-diverse, kitchen-mixed, kitchen-partial,
-    pointmaze-umaze, pointmaze-medium, pointmaze-large (pointmaze data is generated offline when missing)"""
+    pointmaze-umaze, pointmaze-medium, pointmaze-large, metaworld-pick-place (use --c 5, the paper's c for it);
+    pointmaze and Meta-World data are generated offline when missing"""
     dataset_id: Optional[str] = None
     """any Minari dataset id, local or remote; overrides --env"""
     track: bool = False
@@ -265,8 +266,9 @@ ENV_ALIASES = {
     "pointmaze-umaze": "opal/pointmaze-umaze-diverse-v0",
     "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
     "pointmaze-large": "opal/pointmaze-large-diverse-v0",
+    "metaworld-pick-place": "opal/metaworld-pick-place-expert-v0",
 }
-GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large))-(diverse|expert)(-anywhere)?-v0")
+GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large)|metaworld-pick-place)-(diverse|expert)(-anywhere)?-v0")
 
 
 def fail(message: str):

@@ -120,3 +120,45 @@ def test_sigterm_during_collection_exits_with_143_and_no_traceback(sandbox):
     store = Path(sandbox["env"]["MINARI_DATASETS_PATH"])
     assert process.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
     assert not (store / "test" / "interrupted-v0").exists() and not list(store.glob(".staging-*"))
+
+
+def test_metaworld_pick_place_demonstrations_train_a_vae_and_are_refused_downstream(sandbox, tmp_path):
+    """metaworld-pick-place: the scripted expert with noise succeeds, each episode ends --settle-steps after its first
+    success, objects and goals differ between episodes and repeat with the seed; opal_vae.py trains on the data at
+    c = 5 (no environment to roll out in: said, and skipped); opal_cql.py refuses it with one paragraph."""
+    made = run_script(sandbox, "collect_data.py", "--env", "metaworld-pick-place", "--episodes", 4,
+                      "--settle-steps", 5)
+    assert made.returncode == 0, made.stderr[-2000:]
+    dataset = minari.load_dataset("opal/metaworld-pick-place-expert-v0")
+    assert dataset.env_spec is None and dataset.observation_space.shape == (39,) and dataset.action_space.shape == (4,)
+    starts, successes = [], 0
+    for episode in dataset.iterate_episodes():
+        success = episode.infos["success"].astype(bool)  # one row per observation
+        assert episode.truncations[-1] and not episode.terminations.any()
+        if success.any():  # the episode ends 5 steps after its first success; without one, at Meta-World's 500
+            successes += 1
+            assert len(success) - 1 - np.argmax(success) == 5
+        else:
+            assert len(episode.actions) == 500
+        assert np.abs(episode.actions).max() <= 1.0 and np.abs(episode.actions).std(0).min() > 0.05
+        starts.append(np.concatenate([episode.observations[0, 4:7], episode.observations[0, -3:]]))  # object, goal
+    assert len(np.unique(np.round(starts, 4), axis=0)) == 4 and successes >= 3
+    again = run_script(sandbox, "collect_data.py", "--env", "metaworld-pick-place", "--episodes", 2,
+                       "--settle-steps", 5, "--dataset-id", "test/metaworld-again-v0")
+    assert again.returncode == 0, again.stderr[-2000:]
+    first = next(minari.load_dataset("test/metaworld-again-v0").iterate_episodes())
+    np.testing.assert_array_equal(first.observations, next(dataset.iterate_episodes()).observations)
+
+    vae = run_script(sandbox, "opal_vae.py", "--env", "metaworld-pick-place", "--c", 5, "--num-steps", 10,
+                     "--bc-steps", 2, "--hidden-dim", 32, "--gru-layers", 1, "--batch-size", 16,
+                     "--runs-dir", tmp_path)
+    assert vae.returncode == 0, vae.stderr[-2000:]
+    assert "windows of c = 5; state 39-d (flat), action 4-d" in vae.stdout
+    assert "no evaluation environment for opal/metaworld-pick-place-expert-v0" in vae.stdout
+    assert "checkpoint: " in vae.stdout
+    refused = run_script(sandbox, "opal_cql.py", "--env", "metaworld-pick-place", "--primitives", "none",
+                         "--total-steps", 10, "--runs-dir", tmp_path)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "stores no environment to act in" in refused.stderr
+    wrong = run_script(sandbox, "collect_data.py", "--env", "metaworld-pick-place", "--kind", "diverse")
+    assert wrong.returncode != 0 and "scripted expert's only" in wrong.stderr
