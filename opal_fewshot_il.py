@@ -568,13 +568,14 @@ def use_bf16(requested: bool, device: torch.device) -> bool:
     return faster
 
 
-def open_run(args, config: dict, resumed_dir=None):
+def open_run(args, config: dict, resumed_dir=None, env_name=None):
     """The run directory runs/<exp_name>__<env>__<seed>__<unix time>/ (or the resumed run's), its config.json,
-    a TensorBoard writer with the configuration as text, and wandb (syncing TensorBoard) behind --track."""
+    a TensorBoard writer with the configuration as text, and wandb (syncing TensorBoard) behind --track. <env>:
+    `env_name`, or --dataset-id (its slashes as dashes) or --env."""
     if resumed_dir is not None:
         run_dir = Path(resumed_dir)
     else:
-        env_name = args.dataset_id.replace("/", "-") if args.dataset_id else args.env
+        env_name = env_name or (args.dataset_id.replace("/", "-") if args.dataset_id else args.env)
         run_dir = Path(args.runs_dir) / f"{args.exp_name}__{env_name}__{args.seed}__{int(time.time())}"
         run_dir.mkdir(parents=True, exist_ok=True)
     config = {**config, **{f"version_{k}": v for k, v in library_versions().items()}}

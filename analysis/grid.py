@@ -45,7 +45,7 @@ BOOKKEEPING = {"seed", "exp_name", "runs_dir", "track", "wandb_project_name", "w
                "log_every", "resume", "vae_ckpt", "allow_unfinished", "capture_video", "picture_latents", "compile",
                "bf16"}
 CHECKPOINT = {"opal_vae.py": "opal_vae.pt", "opal_cql.py": "opal_cql.pt", "opal_fewshot_il.py": "opal_fewshot_il.pt",
-              "opal_online_sac.py": "opal_online_sac.pt"}
+              "opal_online_sac.py": "opal_online_sac.pt", "opal_mt_transfer.py": "opal_mt_transfer.pt"}
 
 
 @dataclass
@@ -343,7 +343,8 @@ def record_of(path: Path) -> Optional[dict]:
         points = curves.pop(f"losses/{tag}", [])
         if points:
             summary[f"{tag}_last_1000"] = float(np.mean([v for s, v in points if s > points[-1][0] - 1000]))
-    return {"run": path.parent.name, "script": script, "dataset_id": payload["dataset_id"], "seed": payload["seed"],
+    dataset_id = payload.get("dataset_id") if script != "opal_mt_transfer.py" else payload["env_id"]  # (the benchmark)
+    return {"run": path.parent.name, "script": script, "dataset_id": dataset_id, "seed": payload["seed"],
             "args": payload["args"], "summary": summary, "curve": curves.get("eval/normalized_score", []),
             "versions": payload.get("versions")}
 

@@ -120,13 +120,13 @@ SAC = ["--hidden-dim", 32, "--layers", 1, "--batch-size", 16, "--num-envs", 2, "
        "--save-every", 100000]
 
 
-def eval_curve(run_dir: Path) -> list:
+def eval_curve(run_dir: Path, tag: str = "eval/closest_goal_distance") -> list:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     curve = []
     for events in sorted(run_dir.glob("events.out.tfevents.*")):
         scalars = EventAccumulator(str(events)).Reload()
-        if "eval/closest_goal_distance" in scalars.Tags()["scalars"]:
-            curve += [(e.step, e.value) for e in scalars.Scalars("eval/closest_goal_distance")]
+        if tag in scalars.Tags()["scalars"]:
+            curve += [(e.step, e.value) for e in scalars.Scalars(tag)]
     return sorted(curve)
 
 
@@ -157,3 +157,29 @@ def test_online_sac_interrupted_and_resumed_equals_uninterrupted(sandbox, datase
     curve = eval_curve(interrupted.parent)
     assert [step for step, _ in curve] == [300, 600, 900, 1200] and curve == eval_curve(
         checkpoint_path(straight.stdout, "opal_online_sac.pt").parent)
+
+
+def test_mt_transfer_interrupted_and_resumed_equals_uninterrupted(sandbox):
+    """The actor-critic, its optimiser, the running state and reward statistics and every environment's generators
+    (the goals the next episodes draw, in training and in evaluation) come back: the resumed run's networks and
+    evaluation curve are the uninterrupted run's. (Plain PPO; with primitives the same state is saved.)"""
+    common = ["--primitives", "none", "--episode-length", 20, "--total-steps", 2000, "--eval-every", 400,
+              "--eval-episodes", 1, "--eval-episodes-during", 1, "--hidden-dim", 16, "--num-minibatches", 4,
+              "--update-epochs", 2, "--seed", 3]
+    straight = run_script(sandbox, "opal_mt_transfer.py", *common, "--runs-dir", sandbox["base"] / "mt-a")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    code, stdout = interrupt_after_start(sandbox, "opal_mt_transfer.py", [*common, "--runs-dir", sandbox["base"] / "mt-b"],
+                                         "step 400: success rate", signal.SIGTERM, delay=0.0)
+    assert code == 130 and "stopped by signal at PPO step" in stdout, stdout
+    interrupted = checkpoint_path(stdout, "opal_mt_transfer.pt")
+    assert 400 <= torch.load(interrupted, weights_only=True)["step"] < 2000
+    resumed = run_script(sandbox, "opal_mt_transfer.py", "--resume", interrupted.parent)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    first = torch.load(checkpoint_path(straight.stdout, "opal_mt_transfer.pt"), weights_only=True)
+    second = torch.load(interrupted, weights_only=True)
+    assert second["finished"] and second["envs"] == first["envs"] and second["eval_envs"] == first["eval_envs"]
+    for key in ("agent", "obs_normalizer", "reward_scaler"):
+        assert same_tensors(first[key], second[key]), f"{key} differs after resume"
+    curve = eval_curve(interrupted.parent, "eval/return")  # (success is 0 at this budget; the returns differ)
+    assert [step for step, _ in curve] == [400, 800, 1200, 1600, 2000] and curve == eval_curve(
+        checkpoint_path(straight.stdout, "opal_mt_transfer.pt").parent, "eval/return")

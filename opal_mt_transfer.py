@@ -1,0 +1,1014 @@
+"""OPAL, transfer: multi-task PPO on Meta-World MT10 / MT50 with primitives learned from pick-and-place data.
+
+OPAL (Ajay et al., ICLR 2021, Section 4.4 and its Meta-World table) learns primitives (c = 5) from expert
+pick-and-place episodes with `opal_vae.py`, then trains one multi-task policy on many manipulation tasks whose
+action is a latent z, held for c steps through the frozen primitive policy π_θ(a|s,z). Proximal policy optimisation
+(PPO; Schulman et al., 2017) learns that task policy π_ψ(z|s, task) from on-policy rollouts of all tasks at once:
+each high-level step is (s, z, R = Σ_{t<c} γ^t r_t, s'), its advantage computed by GAE over high-level steps.
+`--primitives none` is the same PPO on raw actions (c = 1), the baseline. The task policy sees Meta-World's state and
+the one-hot task id; the primitive policy sees the state alone, as in pick-and-place (see `held_choice_actions`).
+
+A *choice* below is what the task policy outputs: the latent z with primitives (held for c steps), the raw action a
+without them (c = 1). The same code handles both. The PPO is CleanRL's `ppo_continuous_action.py` (its defaults
+unless marked "ours"); the paper gives the transfer's algorithm, not its settings.
+
+Run:    python collect_data.py --env metaworld-pick-place                       # (or let opal_vae.py make it)
+        python opal_vae.py --env metaworld-pick-place --c 5
+        python opal_mt_transfer.py --benchmark MT10 --vae-ckpt runs/<vae run>/opal_vae.pt    # PPO+OPAL
+        python opal_mt_transfer.py --benchmark MT10 --primitives none                        # plain multi-task PPO
+Reads:  with primitives, a finished opal_vae.pt of Meta-World data and that dataset (for the latent box)
+Writes: runs/opal_mt_transfer__<benchmark>__<seed>__<time>/  opal_mt_transfer.pt (task policy, critic, the
+        primitive policy it drives), TensorBoard events, config.json, eval.mp4 with --capture-video
+
+Reading order: `Args`; then ALGORITHM: the latent action space, the networks, one rollout of held choices
+(`collect_rollout`), GAE (`generalized_advantages`) and the PPO losses (`ppo_update`); then `__main__` at the bottom
+(setup → rollout → advantages → update → evaluation). The BOOKKEEPING section between them (the primitives' data,
+checkpoints, logging, Meta-World's environments and evaluation) can be skipped on a first reading.
+"""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+STATE_DIM, ACTION_DIM = 39, 4  # Meta-World v3: every task's state and the arm's action (x, y, z, gripper)
+EPISODE_LENGTH = 500  # Meta-World's episode length
+
+
+@dataclass
+class Args:
+    exp_name: str = "opal_mt_transfer"
+    """name of this experiment, the first part of the run directory's name"""
+    seed: int = 1
+    """seed of torch and numpy, and of the training environments (evaluation environments use seed + 10,000)"""
+    benchmark: Literal["MT10", "MT50"] = "MT10"
+    """Meta-World's multi-task benchmark: 10 or 50 tasks, one environment each, a new goal drawn every episode"""
+    vae_ckpt: Optional[str] = None
+    """opal_vae.pt trained on Meta-World data (e.g. --env metaworld-pick-place --c 5); required with --primitives opal"""
+    allow_unfinished: bool = False
+    """accept a --vae-ckpt whose run did not finish (stopped before its last step); refused otherwise"""
+    primitives: Literal["opal", "none"] = "opal"
+    """opal: PPO over latent primitives; none: plain multi-task PPO over raw actions (c = 1), the baseline"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without an account)"""
+    wandb_project_name: str = "opal"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """write eval.mp4 of one evaluation episode of --video-task at the end (headless: MUJOCO_GL=egl)"""
+    video_task: str = "pick-place-v3"
+    """the benchmark's task shown by --capture-video"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, ..."""
+    runs_dir: str = "runs"
+    """folder that receives the run directory"""
+    save_every: int = 500_000
+    """write the checkpoint every this many environment steps (and at the end or on Ctrl-C)"""
+    log_every: int = 50_000
+    """log losses and steps/s every this many environment steps (at the end of a PPO iteration)"""
+    eval_every: Optional[int] = None
+    """evaluate every this many environment steps with --eval-episodes-during episodes per task; default
+    total_steps // 10"""
+    eval_episodes: int = 50
+    """evaluation episodes per task at the end (Meta-World's protocol: one per training goal, 50 per task)"""
+    eval_episodes_during: int = 10
+    """evaluation episodes per task at each intermediate evaluation (ours: a fifth of the protocol's, for a CPU)"""
+    vector_strategy: Literal["sync", "async"] = "sync"
+    """how the benchmark's environments step: in this process, or one subprocess each"""
+    episode_length: int = EPISODE_LENGTH
+    """steps per training and evaluation episode (Meta-World: 500; lower only for quick tests); a multiple of c"""
+    resume: Optional[str] = None
+    """continue an interrupted run from its opal_mt_transfer.pt (or run directory), with the arguments saved in it"""
+
+    # the latent action space: as opal_cql.py builds it from the VAE's own data
+    latent_bound: Literal["minmax", "std"] = "minmax"
+    """the choices' latent box: min/max of the relabelled latents, or their mean ± --latent-bound-std stds"""
+    latent_bound_std: float = 2.0
+    """half-width of the std box, in standard deviations of the relabelled latents (ours)"""
+    latent_margin: float = 0.0
+    """widen the latent box by this fraction of its width on each side (ours)"""
+    high_level_discount: Literal["decision", "window"] = "decision"
+    """decision: γ per high-level decision (SPiRL, SUPE; as opal_cql.py); window: γ^c for a window of c steps"""
+
+    # PPO; defaults are CleanRL's ppo_continuous_action.py unless marked "ours"
+    total_steps: int = 2_000_000
+    """environment steps over all tasks (ours: a CPU's budget; each PPO iteration is one episode of every task)"""
+    learning_rate: float = 3e-4
+    """Adam learning rate, annealed linearly to 0 with --anneal-lr (CleanRL)"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly over the run (CleanRL)"""
+    gamma: float = 0.99
+    """per-step discount γ inside a window's reward sum, and of the advantage as --high-level-discount says (CleanRL)"""
+    gae_lambda: float = 0.95
+    """λ of generalised advantage estimation (CleanRL)"""
+    num_minibatches: int = 32
+    """minibatches per epoch over one iteration's high-level steps (CleanRL)"""
+    update_epochs: int = 10
+    """epochs over each iteration's rollout (CleanRL)"""
+    clip_coef: float = 0.2
+    """clip ε of the surrogate objective and of the value loss (CleanRL)"""
+    ent_coef: float = 0.0
+    """entropy bonus weight (CleanRL)"""
+    vf_coef: float = 0.5
+    """value loss weight (CleanRL)"""
+    max_grad_norm: float = 0.5
+    """gradient norm clip (CleanRL)"""
+    target_kl: Optional[float] = None
+    """stop an iteration's epochs early when the approximate KL to the rollout policy exceeds this (CleanRL: off)"""
+    hidden_dim: int = 256
+    """width of the two hidden layers of the actor and of the critic (ours; CleanRL: 64 for one task; Meta-World's
+    MT-SAC reference uses 400)"""
+
+    def __post_init__(self):
+        for name in ("total_steps", "save_every", "log_every", "eval_every", "eval_episodes", "num_minibatches",
+                     "update_epochs", "hidden_dim", "episode_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.eval_episodes_during < 0 or not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
+            fail("--eval-episodes-during cannot be negative, --gamma must be in (0, 1] and --gae-lambda in [0, 1].")
+        if self.primitives == "opal" and not self.vae_ckpt and not self.resume:
+            fail("--primitives opal needs --vae-ckpt runs/<opal_vae run>/opal_vae.pt, trained on Meta-World data "
+                 "(python opal_vae.py --env metaworld-pick-place --c 5), or use --primitives none for plain PPO.")
+        if self.vae_ckpt:  # saved in opal_mt_transfer.pt: resuming from another folder still finds it
+            self.vae_ckpt = str(Path(self.vae_ckpt).resolve())
+
+
+# ======================================================================================================================
+# ALGORITHM: what to study. The latent action space (shared with opal_cql.py), the networks, a rollout of choices
+# held for c steps, GAE over high-level steps and the PPO update.
+# ======================================================================================================================
+# --- shared: latent_action_space ---
+def backup_discounts(steps, gamma: float, rule: str):
+    """Discount of each high-level transition's Bellman backup. decision: γ per decision, as SPiRL, SUPE's OPAL skills
+    and a public OPAL re-implementation back up; window: γ^k for a window of k low-level steps, the semi-MDP's exact
+    discount, which keeps the horizon at ~1/(1-γ) low-level steps whatever c is."""
+    return gamma ** (steps.float() if rule == "window" else torch.ones_like(steps, dtype=torch.float32))
+
+
+def latent_box(latents, bound: str, stds: float, margin: float):
+    """The task policy's latent action space, a box (the paper leaves it open; ours). minmax: the range of the
+    relabelled latents, every choice where the encoder saw behaviour, tails included; std: their mean ± `stds`
+    standard deviations, the bulk of the data's latents. `margin` widens either by that fraction of its width."""
+    if bound == "minmax":
+        low, high = latents.min(0).values, latents.max(0).values
+    else:
+        low, high = latents.mean(0) - stds * latents.std(0), latents.mean(0) + stds * latents.std(0)
+    return low - margin * (high - low), high + margin * (high - low)
+# --- end shared ---
+
+
+# --- shared: networks ---
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # clamp of every Gaussian's log-std (ours; keeps likelihoods finite)
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, hidden_layers: int = 2) -> nn.Sequential:
+    layers, width = [], in_dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+        width = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+
+class Normalizer(nn.Module):
+    """Standardises states with the dataset's mean and std (ours); stored in every state dict."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, states: torch.Tensor):
+        self.mean.copy_(states.mean(0))
+        self.std.copy_(states.std(0).clamp_min(1e-3))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return (states - self.mean) / self.std
+
+
+def gaussian_head(output: torch.Tensor):
+    """(mean, clamped log-std) from a network's output, in float32 even under bf16 autocast."""
+    mean, log_std = output.float().chunk(2, dim=-1)
+    return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+def gaussian_log_prob(x, mean, log_std):
+    """log N(x; mean, diag(exp(log_std))^2), summed over the last dimension."""
+    return (-0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+# --- end shared ---
+
+
+# --- shared: encoder ---
+class Encoder(nn.Module):
+    """q_φ(z|τ): an MLP embeds each (s_t, a_t), a bidirectional GRU reads the c embeddings, a Gaussian comes out.
+    `gru` builds the GRU: nn.GRU, or anything with its arguments, parameter names and (output, h_n) result."""
+
+    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200, gru_layers=4, gru=nn.GRU):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.embed = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden_dim), nn.ReLU())
+        self.gru = gru(hidden_dim, hidden_dim, gru_layers, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden_dim, 2 * latent_dim)
+
+    def forward(self, states, actions):  # (B, c, obs_dim), (B, c, act_dim) -> mean, log_std of z: (B, latent_dim)
+        _, final_states = self.gru(self.embed(torch.cat([self.normalize(states), actions], -1)))
+        # the last layer's forward state after s_{c-1} and its backward state after s_0
+        return gaussian_head(self.head(torch.cat([final_states[-2], final_states[-1]], -1)))
+
+
+@torch.no_grad()
+def encode_windows(encoder, observations, actions, starts, c):
+    """z = μ_φ(τ), the posterior mean of the length-c window starting at each row of `starts` (OPAL's relabelling)."""
+    return torch.cat([encoder(observations[r], actions[r])[0] for r in window_rows(starts, c).split(4096)])
+# --- end shared ---
+
+
+# --- shared: primitive_policy ---
+class PrimitivePolicy(nn.Module):
+    """π_θ(a|s,z): the decoder; one z drives c consecutive actions."""
+
+    def __init__(self, obs_dim, act_dim, latent_dim, hidden_dim=200):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim + latent_dim, hidden_dim, 2 * act_dim)
+
+    def forward(self, states, latents):
+        return gaussian_head(self.net(torch.cat([self.normalize(states), latents], -1)))
+# --- end shared ---
+
+
+def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias=0.0) -> nn.Linear:
+    """CleanRL's initialisation: orthogonal weights of gain `std`, constant biases."""
+    nn.init.orthogonal_(layer.weight, std)
+    with torch.no_grad():
+        layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype).expand_as(layer.bias))
+    return layer
+
+
+class RunningNormalizer(nn.Module):
+    """Running mean and variance of everything passed to `update` (Chan et al.'s parallel update, as CleanRL's
+    NormalizeObservation wrapper keeps them); `forward` standardises and clips to ±10."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.tensor(1e-4))
+
+    def update(self, x: torch.Tensor):  # (B, dim)
+        batch_mean, batch_var, batch_count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        delta, total = batch_mean - self.mean, self.count + batch_count
+        self.var.copy_((self.var * self.count + batch_var * batch_count + delta ** 2 * self.count * batch_count / total)
+                       / total)
+        self.mean.add_(delta * batch_count / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / (self.var + 1e-8).sqrt()).clamp(-10.0, 10.0)
+
+
+class ActorCritic(nn.Module):
+    """CleanRL's continuous PPO agent: an actor MLP for the mean of a Gaussian over choices with a state-independent
+    log-std, and a critic MLP for V(s), both with tanh and orthogonal initialisation; states are standardised by
+    running statistics of the states seen in training. The actor's mean starts at `centre`: the latent box's
+    centre, 0 for raw actions (ours)."""
+
+    def __init__(self, obs_dim: int, choice_dim: int, hidden_dim: int, centre: torch.Tensor):
+        super().__init__()
+        self.normalize = RunningNormalizer(obs_dim)
+        hidden = lambda: [layer_init(nn.Linear(obs_dim, hidden_dim)), nn.Tanh(),
+                          layer_init(nn.Linear(hidden_dim, hidden_dim)), nn.Tanh()]
+        self.critic = nn.Sequential(*hidden(), layer_init(nn.Linear(hidden_dim, 1), std=1.0))
+        self.actor_mean = nn.Sequential(*hidden(), layer_init(nn.Linear(hidden_dim, choice_dim), std=0.01,
+                                                               bias=centre))
+        self.actor_logstd = nn.Parameter(torch.zeros(1, choice_dim))
+
+    def value(self, states):
+        return self.critic(self.normalize(states)).squeeze(-1)
+
+    def choice_and_value(self, states, choices=None):
+        """(choice ~ π(·|s) unless given, log π(choice|s), entropy, V(s)) for a batch of raw states."""
+        normalized = self.normalize(states)
+        mean = self.actor_mean(normalized)
+        policy = torch.distributions.Normal(mean, self.actor_logstd.expand_as(mean).exp())
+        choices = policy.sample() if choices is None else choices
+        return (choices, policy.log_prob(choices).sum(-1), policy.entropy().sum(-1),
+                self.critic(normalized).squeeze(-1))
+
+
+class RewardScaler(nn.Module):
+    """CleanRL's NormalizeReward: each environment's rewards are divided by the running standard deviation of its
+    discounted return Σ γ_hl^k R_k (kept per environment, restarted at episode ends) and clipped to ±10."""
+
+    def __init__(self, num_envs: int):
+        super().__init__()
+        self.stats = RunningNormalizer(1)
+        self.register_buffer("returns", torch.zeros(num_envs))
+
+    def forward(self, rewards, discounts, dones):
+        self.returns.copy_(self.returns * discounts + rewards)
+        self.stats.update(self.returns[:, None])
+        self.returns.mul_(1.0 - dones)
+        return (rewards / (self.stats.var[0] + 1e-8).sqrt()).clamp(-10.0, 10.0)
+
+
+def held_choice_actions(primitive_policy, states, choices):
+    """The environment action for a held choice: the primitive policy's mean action π_θ(a|s, z) on Meta-World's
+    39-d state, without the one-hot task id the benchmark appends (ours, as the public OPAL re-implementation
+    does: the primitives were learnt on pick-and-place, which had no task id, and a primitive says how to move
+    the arm from where it is, whatever the task; which primitive, the task policy decides from the id); without
+    primitives the choice itself. Clipped to the action bounds [-1, 1]."""
+    actions = choices if primitive_policy is None else primitive_policy(states[:, :STATE_DIM], choices)[0]
+    return actions.clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def collect_rollout(envs, agent, obs_normalizer, reward_scaler, primitive_policy, c, choice_low, choice_high, gamma,
+                    discount, device):
+    """One episode in every environment of the benchmark. At every high-level step k the task policy samples a
+    choice per environment, the choice (clipped into its box) is held for c environment steps, and the step's reward
+    is R_k = Σ_{t<c} γ^t r_t. Training episodes last a multiple of c steps and never end early, so every
+    environment's decisions and episode end align. Returns the high-level steps as tensors (T, N, ·): standardised
+    states, choices, log π_old(choice|s), V_old(s), scaled rewards and dones; and every environment's episode return
+    and success (at any step)."""
+    observations, _ = envs.reset()
+    states = torch.as_tensor(observations, dtype=torch.float32, device=device)
+    num_envs = len(states)
+    rollout = {name: [] for name in ("states", "choices", "log_probs", "values", "rewards", "dones")}
+    episode_return, success = np.zeros(num_envs), np.zeros(num_envs, dtype=bool)
+    ended = np.zeros(num_envs, dtype=bool)
+    while not ended.any():
+        obs_normalizer.update(states)  # as CleanRL's NormalizeObservation: the statistics first see the state
+        normalized = obs_normalizer(states)
+        choices, log_probs, _, values = agent.choice_and_value(normalized)
+        held = choices.clamp(choice_low, choice_high)
+        window_reward = torch.zeros(num_envs, device=device)
+        for t in range(c):  # the primitive runs c steps: R = Σ_{t<c} γ^t r_t
+            actions = held_choice_actions(primitive_policy, states, held)
+            observations, rewards, terminated, truncated, info = envs.step(actions.cpu().numpy())
+            states = torch.as_tensor(observations, dtype=torch.float32, device=device)
+            window_reward += gamma ** t * torch.as_tensor(rewards, dtype=torch.float32, device=device)
+            episode_return += rewards
+            success |= np.asarray(info["success"]) > 0
+            ended = terminated | truncated
+            if ended.any() and (t < c - 1 or not ended.all()):
+                raise RuntimeError("an episode ended inside a high-level step: episodes must last a multiple of c")
+        dones = torch.as_tensor(ended, dtype=torch.float32, device=device)
+        rewards = reward_scaler(window_reward, discount, dones)
+        for name, value in zip(rollout, (normalized, choices, log_probs, values, rewards, dones)):
+            rollout[name].append(value)
+    return {name: torch.stack(values) for name, values in rollout.items()}, episode_return, success
+
+
+def generalized_advantages(rewards, values, dones, discount, last_values, lam: float):
+    """GAE (Schulman et al., 2016) over high-level steps k of (T, N) tensors, d_k: the episode ended after step k:
+        δ_k = R_k + γ_hl (1 - d_k) V(s_{k+1}) - V(s_k),   A_k = δ_k + γ_hl λ (1 - d_k) A_{k+1}
+    V(s_T) = `last_values`. An episode's end, Meta-World's time limit included, is not bootstrapped (as CleanRL).
+    Returns (advantages, the value targets A + V)."""
+    advantages = torch.zeros_like(rewards)
+    next_advantage, next_values = torch.zeros_like(last_values), last_values
+    for k in reversed(range(len(rewards))):
+        not_done = 1.0 - dones[k]
+        delta = rewards[k] + discount * not_done * next_values - values[k]
+        next_advantage = delta + discount * lam * not_done * next_advantage
+        advantages[k], next_values = next_advantage, values[k]
+    return advantages, advantages + values
+
+
+def clipped_surrogate_loss(advantages, log_ratio, clip: float):
+    """PPO's clipped objective (Schulman et al., 2017, Eq. 7), negated to a loss: with ρ = π(c|s) / π_old(c|s),
+    E[max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε))]."""
+    ratio = log_ratio.exp()
+    return torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)).mean()
+
+
+def clipped_value_loss(values, old_values, targets, clip: float):
+    """CleanRL's clipped value loss: ½ E[max((V - G)², (V_old + clip(V - V_old, -ε, ε) - G)²)]."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.max((values - targets) ** 2, (clipped - targets) ** 2).mean()
+
+
+def ppo_update(agent, optimizer, batch: dict, args) -> dict:
+    """--update-epochs passes over one iteration's high-level steps (flat (T N, ·) tensors), each in
+    --num-minibatches shuffled minibatches: loss = L_clip - c_ent H + c_v L_V with advantages standardised per
+    minibatch and the gradient norm clipped (CleanRL). Returns the losses of the last minibatch (0-d tensors)."""
+    size = len(batch["states"])
+    minibatch = max(2, size // args.num_minibatches)
+    for _ in range(args.update_epochs):
+        order = torch.randperm(size, device=batch["states"].device)
+        for start in range(0, size, minibatch):
+            index = order[start:start + minibatch]
+            _, log_probs, entropy, values = agent.choice_and_value(batch["states"][index], batch["choices"][index])
+            log_ratio = log_probs - batch["log_probs"][index]
+            advantages = batch["advantages"][index]
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            policy_loss = clipped_surrogate_loss(advantages, log_ratio, args.clip_coef)
+            value_loss = clipped_value_loss(values, batch["values"][index], batch["returns"][index], args.clip_coef)
+            loss = policy_loss - args.ent_coef * entropy.mean() + args.vf_coef * value_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():  # CleanRL's estimator of KL(π_old || π): E[(ρ - 1) - log ρ]
+                approx_kl = ((log_ratio.exp() - 1.0) - log_ratio).mean()
+                clip_fraction = ((log_ratio.exp() - 1.0).abs() > args.clip_coef).float().mean()
+        if args.target_kl is not None and approx_kl > args.target_kl:
+            break
+    return {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy.mean().detach(),
+            "approx_kl": approx_kl, "clip_fraction": clip_fraction}
+
+
+# ======================================================================================================================
+# BOOKKEEPING: a first reading may skip to __main__. The primitives' data and latent box, checkpoints, run setup and
+# logging, Meta-World's environments, their checkpoints and evaluation.
+# ======================================================================================================================
+# --- shared: datasets ---
+ENV_ALIASES = {
+    "antmaze-medium-diverse": "D4RL/antmaze/medium-diverse-v1",
+    "antmaze-large-diverse": "D4RL/antmaze/large-diverse-v1",
+    "kitchen-mixed": "D4RL/kitchen/mixed-v2",
+    "kitchen-partial": "D4RL/kitchen/partial-v2",
+    "pointmaze-umaze": "opal/pointmaze-umaze-diverse-v0",
+    "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
+    "pointmaze-large": "opal/pointmaze-large-diverse-v0",
+    "metaworld-pick-place": "opal/metaworld-pick-place-expert-v0",
+}
+GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large)|metaworld-pick-place)-(diverse|expert)(-anywhere)?-v0")
+
+
+def fail(message: str):
+    """Stop with one readable paragraph instead of a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def resolve_dataset_id(env: str, dataset_id: Optional[str]) -> str:
+    if dataset_id:
+        return dataset_id
+    if env not in ENV_ALIASES:
+        fail(f"unknown --env {env!r}. Valid aliases: {', '.join(ENV_ALIASES)}; "
+             "or pass any Minari id with --dataset-id.")
+    return ENV_ALIASES[env]
+
+
+def load_minari_dataset(dataset_id: str):
+    """The dataset from the local Minari store; pointmaze data is generated, D4RL data downloaded."""
+    try:
+        return minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        pass
+    except OSError as error:  # the store itself is unusable: not a folder, not writable
+        fail(f"cannot use the Minari store {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} "
+             f"({error.strerror}). Set MINARI_DATASETS_PATH to a writable folder.")
+    except Exception as error:  # a folder that exists but does not read as a dataset
+        fail(f"the local copy of {dataset_id} cannot be read ({type(error).__name__}: {error}). Delete it and retry.")
+    generated = GENERATED.fullmatch(dataset_id)
+    if generated:
+        collector = Path(__file__).with_name("collect_data.py")
+        print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} (about a minute)")
+        if not collector.exists():
+            fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
+        command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2],
+                   *(["--starts", "anywhere"] if generated[3] else [])]
+        if subprocess.run(command).returncode != 0:
+            fail(f"generating {dataset_id} failed (command: {' '.join(command)}); its output is above.")
+        return minari.load_dataset(dataset_id)
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except ImportError:
+        fail(f"{dataset_id} is not stored locally and downloading it needs huggingface_hub: "
+             "pip install 'minari[hf]' (requirements.txt has it).")
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        fail(f"{dataset_id} is not stored locally and could not be downloaded ({reason}). "
+             f"If you are offline, download it elsewhere with `minari download {dataset_id}` and copy the folder "
+             f"into {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}, or train on data made here: "
+             "--env pointmaze-large. If the id is mistyped, `minari list remote` shows the valid ones.")
+
+
+def observation_layout(dataset) -> list:
+    """Keys of a dict observation, concatenated in this order, that give the state D4RL used."""
+    space = dataset.observation_space
+    if not isinstance(space, gym.spaces.Dict):
+        return []
+    env_id = dataset.env_spec.id if dataset.env_spec is not None else ""
+    if "AntMaze" in env_id:
+        return ["achieved_goal", "observation"]  # D4RL antmaze state: torso x,y + 27-d observation = 29-d
+    if "observation" in space.spaces:
+        return ["observation"]  # pointmaze: x, y, vx, vy; kitchen: the 59-d robot and object state
+    return sorted(k for k, v in space.spaces.items() if isinstance(v, gym.spaces.Box))
+
+
+def flatten_observation(observation, layout: list) -> np.ndarray:
+    if not layout:
+        return np.asarray(observation, dtype=np.float32)
+    return np.concatenate([np.asarray(observation[k], dtype=np.float32) for k in layout], axis=-1)
+# --- end shared ---
+
+
+# --- shared: offline_data ---
+def load_flat_dataset(dataset, layout: list, device) -> dict:
+    """All episodes as flat tensors, T+1 rows per episode: row t holds s_t, a_t, r_t (a, r padded at t = T)."""
+    columns = {"observations": [], "actions": [], "rewards": [], "terminations": [], "achieved_goal": [],
+               "qpos": [], "qvel": []}
+    lengths = []
+    for episode in dataset.iterate_episodes():
+        steps = len(episode.actions)
+        lengths.append(steps)
+        pad = lambda x: np.concatenate([x, np.zeros_like(x[:1])], axis=0)
+        columns["observations"].append(flatten_observation(episode.observations, layout))
+        columns["actions"].append(pad(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1)))
+        columns["rewards"].append(pad(np.asarray(episode.rewards, dtype=np.float32)))
+        columns["terminations"].append(pad(np.asarray(episode.terminations, dtype=np.float32)))
+        if isinstance(episode.observations, dict) and isinstance(episode.observations.get("achieved_goal"), np.ndarray):
+            columns["achieved_goal"].append(np.asarray(episode.observations["achieved_goal"], dtype=np.float32))
+        for key in ("qpos", "qvel"):
+            if key in (episode.infos or {}) and len(episode.infos[key]) == steps + 1:
+                columns[key].append(np.asarray(episode.infos[key], dtype=np.float64))
+    data = {k: torch.as_tensor(np.concatenate(v)).to(device) for k, v in columns.items() if len(v) == len(lengths)}
+    data["episode_lengths"] = torch.as_tensor(lengths, dtype=torch.long)
+    for key, value in data.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            fail(f"the dataset's {key} contain NaN or inf; OPAL cannot learn from them.")
+    return data
+
+
+def window_starts(episode_lengths: torch.Tensor, c: int, stride: int = 1) -> torch.Tensor:
+    """Flat row of s_0 of every length-c window (s_t, a_t)_{t<c}, with s_c in the same episode.
+
+    Episode e owns rows offset_e .. offset_e + T_e (T_e + 1 observations). Its windows start at
+    t = 0, stride, ... while t + c <= T_e, so no window crosses an episode boundary and episodes
+    shorter than c contribute none. Pure index arithmetic, no loop over samples.
+    """
+    lengths = episode_lengths.long()
+    offsets = torch.cumsum(lengths + 1, 0) - (lengths + 1)
+    per_episode = torch.where(lengths >= c, (lengths - c) // stride + 1, torch.zeros_like(lengths))
+    episode = torch.repeat_interleave(torch.arange(len(lengths)), per_episode)
+    first_of_episode = torch.cumsum(per_episode, 0) - per_episode
+    rank = torch.arange(int(per_episode.sum())) - first_of_episode[episode]
+    return offsets[episode] + rank * stride
+def window_rows(starts: torch.Tensor, c: int) -> torch.Tensor:
+    """Flat rows of the c steps s_0 .. s_{c-1} of the windows starting at `starts`: (N,) -> (N, c)."""
+    return starts[:, None] + torch.arange(c, device=starts.device)
+# --- end shared ---
+
+
+# --- shared: checkpoint ---
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def library_versions() -> dict:
+    import mujoco
+    return {"torch": str(torch.__version__), "gymnasium": gym.__version__, "minari": minari.__version__,
+            "mujoco": mujoco.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
+
+
+def save_checkpoint(path: Path, payload: dict):
+    """Atomic: write a temporary file beside the target, then rename it over the target."""
+    payload = {"format": "opal", "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(), **payload}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, script: str) -> dict:
+    """Load a checkpoint written by `script` (e.g. "opal_vae") or stop with a message saying what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{script}.pt"
+    if not path.is_file():
+        fail(f"checkpoint {path} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        if "Weights only load failed" in str(error):
+            fail(f"{path} holds Python objects besides tensors and plain values, so it is not an OPAL checkpoint "
+                 "(ours load with torch.load(weights_only=True)); it was not unpickled.")
+        fail(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a torch file "
+             f"({type(error).__name__}).")
+    if not isinstance(payload, dict) or payload.get("format") != "opal":
+        fail(f"{path} is a torch file but not an OPAL checkpoint.")
+    if payload.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
+        fail(f"{path} has checkpoint format {payload['format_version']}, newer than this script's "
+             f"{CHECKPOINT_FORMAT_VERSION}: update the script.")
+    if payload.get("script") != script:
+        fail(f"{path} was written by {payload.get('script')}.py, but a {script}.py checkpoint is needed here.")
+    return payload
+
+
+def stop_signals() -> list:
+    """SIGINT and SIGTERM append to the returned list instead of killing the process: the training loop
+    sees the list is non-empty, writes its checkpoint and exits (code 130); a second signal is also caught."""
+    received = []
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda signum, frame: received.append(signum))
+    return received
+
+
+def resumed_args(args, script: str):
+    """For --resume: (checkpoint payload, the run's saved Args, its run directory), or stop with a reason."""
+    payload = load_checkpoint(args.resume, script)
+    path = Path(args.resume)
+    run_dir = path if path.is_dir() else path.parent
+    try:
+        saved = type(args)(**{**payload["args"], "resume": args.resume})
+    except TypeError as error:
+        fail(f"{args.resume} was written with other arguments than this script knows ({error}); it cannot be resumed.")
+    if payload.get("finished"):
+        print(f"{run_dir} is a finished run; nothing to resume.")
+        sys.exit(0)
+    print(f"resuming {run_dir} at step {payload['step']} ({payload.get('phase', 'training')}) with the arguments "
+          "saved in its checkpoint; other flags on this command line are ignored")
+    return payload, saved, run_dir
+
+
+def check_checkpoint(payload: dict, path, **expected):
+    """Refuse a checkpoint whose fields differ from what this run expects, naming the first that differs."""
+    for field, value in expected.items():
+        if payload.get(field) != value:
+            fail(f"{path} does not fit this run: its {field} is {payload.get(field)!r}, this run has {value!r}.")
+
+
+def load_upstream(path, script: str, allow_unfinished: bool, **expected) -> dict:
+    """The checkpoint of an earlier step of the pipeline (e.g. opal_vae.pt for opal_cql.py): refused if its run did
+    not finish (part of its training never ran) unless `allow_unfinished`, or if a field differs from `expected`."""
+    payload = load_checkpoint(path, script)
+    if not payload.get("finished") and not allow_unfinished:
+        run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+        fail(f"{path} comes from a run of {script}.py that did not finish: it stopped in its "
+             f"{payload.get('phase', 'training')} phase at step {payload.get('step')}, so the rest of its training "
+             f"never ran. Finish it with `python {script}.py --resume {run_dir}`, or pass --allow-unfinished to use "
+             "it as it is.")
+    check_checkpoint(payload, path, **expected)
+    return payload
+# --- end shared ---
+
+
+# --- shared: run ---
+def setup_torch(seed: int, device_name: str) -> torch.device:
+    """Seed torch and numpy, flush subnormal floats to zero, and pick the device ("auto": CUDA if available).
+
+    Subnormal floats (e.g. CQL's softmax weights of far-off Q-values) take a slow path on CPUs: flushing them
+    made opal_cql.py 1.7x faster here, with no effect on the learning signal."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_flush_denormal(True)
+    if device_name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device_name)
+
+
+def use_bf16(requested: bool, device: torch.device) -> bool:
+    """Whether to autocast to bf16: only if requested and bf16 is measured faster than fp32 on this hardware: CUDA
+    GPUs that support it, and x86 CPUs with AMX (bf16 matmuls ~7x fp32 there). On CPUs with AVX-512 BF16 but no AMX
+    a bf16 matmul ran at 0.6x fp32 and the CQL update at 0.7x, and without either it is emulated (a fifth of fp32 or
+    worse), so everywhere else the run stays in fp32 and says so."""
+    if not requested:
+        return False
+    if device.type == "cuda":
+        faster, hardware = torch.cuda.is_bf16_supported(), "this GPU has no bf16"
+    else:
+        faster, hardware = device.type == "cpu" and torch.cpu._is_amx_tile_supported(), f"this {device.type} has no AMX"
+    if not faster:
+        print(f"bf16 autocast off: {hardware}, where bf16 is slower than fp32")
+    return faster
+
+
+def open_run(args, config: dict, resumed_dir=None, env_name=None):
+    """The run directory runs/<exp_name>__<env>__<seed>__<unix time>/ (or the resumed run's), its config.json,
+    a TensorBoard writer with the configuration as text, and wandb (syncing TensorBoard) behind --track. <env>:
+    `env_name`, or --dataset-id (its slashes as dashes) or --env."""
+    if resumed_dir is not None:
+        run_dir = Path(resumed_dir)
+    else:
+        env_name = env_name or (args.dataset_id.replace("/", "-") if args.dataset_id else args.env)
+        run_dir = Path(args.runs_dir) / f"{args.exp_name}__{env_name}__{args.seed}__{int(time.time())}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+    config = {**config, **{f"version_{k}": v for k, v in library_versions().items()}}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=config, name=run_dir.name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+    return run_dir, writer
+
+
+def stop_if_not_finite(values: dict, where: str, checkpoint_path: Path, writer):
+    """A NaN or inf stops the run. Checkpoints are only written from finite parameters (stop_if_not_finite_module),
+    so the file on disk stays the last good one."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            writer.close()
+            fail(f"{name} became {value} at {where}; stopped. The last good checkpoint is "
+                 f"{checkpoint_path if checkpoint_path.exists() else 'not written yet (none was saved)'}. "
+                 "Lower the learning rates or check the dataset.")
+
+
+def stop_if_not_finite_module(where: str, checkpoint_path: Path, writer, **modules):
+    """Called before every save: a module with a NaN or inf parameter stops the run instead of being written."""
+    for name, module in modules.items():
+        if not all(torch.isfinite(p.detach()).all() for p in module.parameters()):
+            stop_if_not_finite({f"a parameter of the {name}": math.nan}, where, checkpoint_path, writer)
+
+
+class Loop:
+    """One training phase's bookkeeping, so that the loop body holds only the algorithm: a progress bar; the losses
+    averaged between log lines, written under losses/ every --log-every steps with charts/SPS and kept in the run's
+    summary; a stop on NaN or inf; the checkpoint every --save-every steps and when Ctrl-C or SIGTERM arrives (then
+    exit code 130). `stride`: steps per iteration (opal_online_sac.py counts environment steps, --num-envs of them
+    per iteration); an iteration may report no losses (no update ran in it)."""
+
+    def __init__(self, phase, first, last, args, writer, summary, save, checkpoint_path, stop_requested, show=(),
+                 desc=None, prefix="", log_offset=0, optimizer=None, stride=1):
+        self.phase, self.first, self.last, self.args, self.stride = phase, first, last, args, stride
+        self.writer, self.summary = writer, summary
+        self.save, self.checkpoint_path, self.stop_requested, self.show = save, checkpoint_path, stop_requested, show
+        self.desc, self.prefix, self.log_offset, self.optimizer = desc or phase, prefix, log_offset, optimizer
+        self.sums, self.names, self.count = None, [], 0
+
+    def __iter__(self):
+        self.start_time = time.time()
+        self.progress = tqdm(desc=self.desc, mininterval=2, initial=self.first - 1, total=self.last)
+        for step in range(self.first + self.stride - 1, self.last + 1, self.stride):
+            yield step
+            self.progress.update(self.stride)
+        self.progress.close()
+
+    def passes(self, step: int, every: int) -> bool:
+        """Whether the iteration ending at `step` passed a multiple of `every` (step % every == 0 at stride 1)."""
+        return step // every > (step - self.stride) // every
+
+    def end_of_step(self, step: int, losses: dict):
+        if losses:
+            values = torch.stack([value.detach().float() for value in losses.values()])  # summed on the device
+            self.sums = values if self.sums is None else self.sums + values
+            self.names, self.count = list(losses), self.count + 1
+        stop = bool(self.stop_requested)  # read once: a signal arriving later is handled at the next step
+        save_now = self.passes(step, self.args.save_every) or stop
+        if self.passes(step, self.args.log_every) or step + self.stride > self.last or save_now:
+            means = dict(zip(self.names, (self.sums / self.count).tolist())) if self.count else {}
+            self.sums, self.count = None, 0
+            stop_if_not_finite({f"losses/{k}": v for k, v in means.items()}, f"{self.phase} step {step}",
+                               self.checkpoint_path, self.writer)
+            sps = (step - self.first + 1) / (time.time() - self.start_time)
+            for name, value in means.items():
+                self.writer.add_scalar(f"losses/{name}", value, self.log_offset + step)
+            self.writer.add_scalar("charts/SPS", sps, self.log_offset + step)
+            if self.optimizer is not None:
+                learning_rate = self.optimizer.param_groups[0]["lr"]
+                self.writer.add_scalar("charts/learning_rate", learning_rate, self.log_offset + step)
+            shown = {name: f"{means[name]:.3f}" for name in self.show if name in means}
+            self.progress.set_postfix({**shown, "sps": f"{sps:.0f}"})
+            self.summary.update(means, **{f"{self.prefix}steps": step, f"{self.prefix}sps": sps})
+        if save_now:
+            self.save(step)
+        if stop:
+            print(f"stopped by signal at {self.phase} step {step}; checkpoint written to {self.checkpoint_path}")
+            sys.exit(130)
+# --- end shared ---
+
+
+def primitives_and_latent_box(vae: dict, args, device):
+    """The frozen primitive policy of `vae` and the task policy's latent box, computed as opal_cql.py computes it:
+    the VAE's own dataset relabelled with its encoder, windows of stride c, z = μ_φ(τ)."""
+    dataset = load_minari_dataset(vae["dataset_id"])
+    data = load_flat_dataset(dataset, observation_layout(dataset), device)
+    starts = window_starts(data["episode_lengths"], vae["c"], stride=vae["c"]).to(device)
+    encoder = Encoder(STATE_DIM, ACTION_DIM, vae["latent_dim"], vae["hidden_dim"], vae["gru_layers"]).to(device)
+    encoder.load_state_dict(vae["encoder"])
+    latents = encode_windows(encoder, data["observations"], data["actions"], starts, vae["c"])
+    choice_low, choice_high = latent_box(latents, args.latent_bound, args.latent_bound_std, args.latent_margin)
+    primitive_policy = PrimitivePolicy(STATE_DIM, ACTION_DIM, vae["latent_dim"], vae["hidden_dim"]).to(device)
+    primitive_policy.load_state_dict(vae["primitive_policy"])
+    return primitive_policy.requires_grad_(False), choice_low, choice_high
+
+
+def make_benchmark(benchmark: str, seed: int, episode_length: int, strategy: str, autoreset_mode):
+    """Meta-World's MT10 or MT50 as a vector environment, one environment per task, the one-hot task id appended to
+    the state. Each environment draws one of its task's 50 goals at every reset from a generator seeded here."""
+    import metaworld  # noqa: F401  (registers the Meta-World/ environments)
+    return gym.make_vec(f"Meta-World/{benchmark}", vector_strategy=strategy, seed=seed, use_one_hot=True,
+                        max_episode_steps=episode_length, autoreset_mode=autoreset_mode)
+
+
+def task_names(envs) -> list:
+    """The benchmark's task names (e.g. pick-place-v3), in the order of its environments and one-hot ids."""
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+    name_of = {cls.__name__: name for name, cls in ALL_V3_ENVIRONMENTS.items()}
+    return [name_of[cls_name] for cls_name in envs.get_attr("task_name")]
+
+
+def environment_rngs(envs) -> str:
+    """Where every environment's random number generators are (goal draws, positions), as JSON text for the
+    checkpoint. Meta-World's own checkpoint also pickles its task list; that part is left out (the same seed
+    rebuilds it), so that loading an opal_mt_transfer.pt never unpickles anything."""
+    return json.dumps([(env_id, {k: v for k, v in state.items() if k != "tasks"})
+                       for env_id, state in envs.call("get_checkpoint")])
+
+
+def restore_environment_rngs(envs, saved: str):
+    """Put every environment's generators back where `environment_rngs` found them, with this process's own copy
+    of the task list: the next reset draws the goal the uninterrupted run drew."""
+    tasks = {env_id: state["tasks"] for env_id, state in envs.call("get_checkpoint")}
+    envs.call("load_checkpoint", [(env_id, {**state, "tasks": tasks[env_id]}) for env_id, state in json.loads(saved)])
+
+
+class HeldChoicePolicy:
+    """The task policy as Meta-World's evaluation expects an agent (`eval_action`, `reset`): the actor's mean choice
+    (deterministic), held for c steps per environment through the primitive policy; a new choice where an episode
+    starts or the last choice has run its c steps."""
+
+    def __init__(self, agent, obs_normalizer, primitive_policy, c, choice_low, choice_high, device):
+        self.agent, self.obs_normalizer, self.primitive_policy, self.c = agent, obs_normalizer, primitive_policy, c
+        self.low, self.high, self.device, self.held_for, self.choices = choice_low, choice_high, device, None, None
+
+    def reset(self, env_mask):
+        mask = np.asarray(env_mask, dtype=bool)
+        if self.held_for is None or len(self.held_for) != len(mask):  # another set of environments
+            self.held_for, self.choices = np.full(len(mask), self.c), None
+        self.held_for[mask] = self.c
+
+    @torch.no_grad()
+    def eval_action(self, observations):
+        states = torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=self.device)
+        fresh = self.agent.actor_mean(self.obs_normalizer(states)).clamp(self.low, self.high)
+        new = torch.as_tensor(self.held_for >= self.c, device=self.device)
+        self.choices = fresh if self.choices is None else torch.where(new[:, None], fresh, self.choices)
+        self.held_for = np.where(self.held_for >= self.c, 1, self.held_for + 1)
+        return held_choice_actions(self.primitive_policy, states, self.choices).cpu().numpy()
+
+
+class Evaluator:
+    """Meta-World's evaluation protocol (`metaworld.evaluation.evaluation`) in a second copy of the benchmark: an
+    episode ends at its first success or at the time limit, until every task has `episodes` of them; a task's
+    success rate is its share of successful episodes, the benchmark's the mean over tasks. Written under eval/
+    (success_rate, per task, return; normalized_score = 100 × success rate) and kept in the run's summary."""
+
+    def __init__(self, envs, names, writer, summary):
+        self.envs, self.names, self.writer, self.summary = envs, names, writer, summary
+
+    def __call__(self, policy, step: int, episodes: int):
+        from metaworld.evaluation import evaluation
+        success_rate, mean_return, per_task, _ = evaluation(policy, self.envs, episodes)
+        score = 100.0 * success_rate
+        for name, value in (("success_rate", success_rate), ("return", mean_return), ("normalized_score", score)):
+            self.writer.add_scalar(f"eval/{name}", value, step)
+        for task, rate in per_task.items():
+            self.writer.add_scalar(f"eval/success_rate_{task}", rate, step)
+        best = max(self.summary.get("best_normalized_score", -math.inf), score)
+        self.summary.update(last_normalized_score=score, best_normalized_score=best, last_success_rate=success_rate,
+                            last_success_per_task={task: per_task[task] for task in self.names})
+        tqdm.write(f"step {step}: success rate {success_rate:.3f} over {len(per_task)} tasks ({episodes} episodes "
+                   f"each; " + ", ".join(f"{task} {per_task[task]:.2f}" for task in self.names) + f"); best so far "
+                   f"{best / 100:.3f}")
+
+
+def record_video(task: str, names: list, policy, seed: int, episode_length: int, path: Path):
+    """`path` (mp4) of one evaluation episode of `task`, acted as in evaluation (--capture-video)."""
+    import imageio
+    import metaworld  # noqa: F401
+    env = gym.make("Meta-World/MT1", env_name=task, seed=seed, render_mode="rgb_array",
+                   max_episode_steps=episode_length)
+    one_hot = np.eye(len(names), dtype=np.float32)[names.index(task)]
+    observation, _ = env.reset()
+    frames, done = [env.render()], False
+    policy.reset(np.ones(1, dtype=bool))
+    while not done:
+        action = policy.eval_action(np.concatenate([observation, one_hot])[None])[0]
+        observation, _, terminated, truncated, info = env.step(action)
+        frames.append(env.render())
+        done = terminated or truncated or bool(info["success"])
+    imageio.mimsave(path, frames, fps=30)
+    env.unwrapped.mujoco_renderer.close()  # (Meta-World's close leaves its renderer to the interpreter's exit)
+    env.close()
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    stop_requested = stop_signals()
+    resumed, args, resumed_dir = resumed_args(args, "opal_mt_transfer") if args.resume else (None, args, None)
+
+    # Setup: device, the primitives and their latent box, the benchmark's training and evaluation environments
+    if args.capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering without a display
+    device = setup_torch(args.seed, args.device)
+    vae, primitive_policy, c = None, None, 1
+    if args.primitives == "opal":
+        vae = load_upstream(args.vae_ckpt, "opal_vae", args.allow_unfinished)
+        if (vae["obs_dim"], vae["act_dim"]) != (STATE_DIM, ACTION_DIM):
+            fail(f"{args.vae_ckpt} was trained on {vae['dataset_id']} ({vae['obs_dim']}-d states, {vae['act_dim']}-d "
+                 f"actions); Meta-World's primitives need its {STATE_DIM}-d states and {ACTION_DIM}-d actions: train "
+                 "one with python opal_vae.py --env metaworld-pick-place --c 5.")
+        c = vae["c"]
+    if args.episode_length % c:
+        fail(f"--episode-length {args.episode_length} is not a multiple of the primitives' c = {c}: every episode "
+             "must end where a primitive ends.")
+    if vae is not None:
+        primitive_policy, choice_low, choice_high = primitives_and_latent_box(vae, args, device)
+    else:  # plain PPO: the choice is the action, its box the action bounds
+        choice_low, choice_high = -torch.ones(ACTION_DIM, device=device), torch.ones(ACTION_DIM, device=device)
+    print(f"making Meta-World {args.benchmark} twice (training, evaluation); this takes a while")
+    envs = make_benchmark(args.benchmark, args.seed, args.episode_length, args.vector_strategy,
+                          gym.vector.AutoresetMode.DISABLED)
+    eval_envs = make_benchmark(args.benchmark, args.seed + 10_000, args.episode_length, args.vector_strategy,
+                               gym.vector.AutoresetMode.SAME_STEP)  # (what Meta-World's evaluation expects)
+    names, obs_dim, num_envs = task_names(envs), envs.single_observation_space.shape[0], envs.num_envs
+    if args.capture_video and args.video_task not in names:
+        fail(f"--video-task {args.video_task} is not a task of {args.benchmark}: {', '.join(names)}.")
+    steps_per_iteration = num_envs * args.episode_length  # one episode of every task
+    args.total_steps = max(steps_per_iteration, args.total_steps - args.total_steps % steps_per_iteration)
+    args.eval_every = args.eval_every or max(1, args.total_steps // 10)
+    num_iterations = args.total_steps // steps_per_iteration
+
+    config = {**asdict(args), "c": c, "tasks": names, "obs_dim": obs_dim, "choice_low": choice_low.tolist(),
+              "choice_high": choice_high.tolist(), "iterations": num_iterations}
+    run_dir, writer = open_run(args, config, resumed_dir, env_name=args.benchmark)
+    print(f"{args.benchmark}: {num_envs} tasks, state {obs_dim}-d with the task id, c = {c}; {args.total_steps} "
+          f"environment steps = {num_iterations} PPO iterations of {steps_per_iteration // c} high-level steps; "
+          f"run dir {run_dir}")
+    agent = ActorCritic(obs_dim, len(choice_low), args.hidden_dim, (choice_low + choice_high) / 2).to(device)
+    obs_normalizer, reward_scaler = RunningNormalizer(obs_dim).to(device), RewardScaler(num_envs).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # CleanRL's eps
+    discount = backup_discounts(torch.tensor(c, device=device), args.gamma, args.high_level_discount)
+    checkpoint_path, summary, first_step = run_dir / "opal_mt_transfer.pt", {}, 1
+    if resumed is not None:  # networks, statistics, optimiser, the environments' generators, the step counter
+        for module, key in ((agent, "agent"), (obs_normalizer, "obs_normalizer"), (reward_scaler, "reward_scaler"),
+                            (optimizer, "optimizer")):
+            module.load_state_dict(resumed[key])
+        restore_environment_rngs(envs, resumed["envs"])
+        restore_environment_rngs(eval_envs, resumed["eval_envs"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        summary, first_step = dict(resumed["summary"]), resumed["step"] + 1
+
+    def checkpoint(step: int, finished: bool = False):
+        stop_if_not_finite_module(f"PPO step {step}", checkpoint_path, writer, agent=agent)
+        save_checkpoint(checkpoint_path, {
+            "script": "opal_mt_transfer", "args": asdict(args), "seed": args.seed, "benchmark": args.benchmark,
+            "env_id": f"Meta-World/{args.benchmark}", "tasks": names, "obs_layout": [], "obs_dim": obs_dim,
+            "act_dim": ACTION_DIM, "act_low": [-1.0] * ACTION_DIM, "act_high": [1.0] * ACTION_DIM,
+            "primitives": args.primitives, "c": c,
+            "choice_dim": len(choice_low), "choice_low": choice_low.tolist(), "choice_high": choice_high.tolist(),
+            "vae_ckpt": args.vae_ckpt if vae is not None else None,
+            "dataset_id": vae["dataset_id"] if vae is not None else None,  # the primitives' data; PPO has none
+            "latent_dim": vae["latent_dim"] if vae is not None else None,
+            "hidden_dim": vae["hidden_dim"] if vae is not None else None,
+            "primitive_policy": primitive_policy.state_dict() if vae is not None else None,
+            "policy_hidden_dim": args.hidden_dim, "agent": agent.state_dict(),
+            "obs_normalizer": obs_normalizer.state_dict(), "reward_scaler": reward_scaler.state_dict(),
+            "optimizer": optimizer.state_dict(), "envs": environment_rngs(envs), "eval_envs": environment_rngs(eval_envs),
+            "step": step, "finished": finished, "summary": dict(summary), "rng": {"torch": torch.get_rng_state()}})
+
+    # PPO: every iteration collects one episode of every task, computes GAE over its high-level steps and updates
+    policy = HeldChoicePolicy(agent, obs_normalizer, primitive_policy, c, choice_low, choice_high, device)
+    evaluator = Evaluator(eval_envs, names, writer, summary)
+    loop = Loop("PPO", first_step, args.total_steps, args, writer, summary, checkpoint, checkpoint_path,
+                stop_requested, show=("value_loss", "approx_kl"), desc=f"PPO ({args.primitives}, {args.benchmark})",
+                stride=steps_per_iteration, optimizer=optimizer)
+    for global_step in loop:  # environment steps so far, over all tasks
+        iteration = global_step // steps_per_iteration
+        if args.anneal_lr:  # CleanRL: lr_i = (1 - (i - 1) / I) lr
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1) / num_iterations) * args.learning_rate
+        rollout, episode_return, success = collect_rollout(envs, agent, obs_normalizer, reward_scaler,
+                                                           primitive_policy, c, choice_low, choice_high, args.gamma,
+                                                           discount, device)
+        advantages, returns = generalized_advantages(rollout["rewards"], rollout["values"], rollout["dones"],
+                                                     discount, torch.zeros(num_envs, device=device), args.gae_lambda)
+        batch = {name: value.flatten(0, 1) for name, value in  # (T N, ·): high-level steps of all tasks
+                 {**rollout, "advantages": advantages, "returns": returns}.items()}
+        losses = ppo_update(agent, optimizer, batch, args)
+        writer.add_scalar("charts/train_success_rate", success.mean(), global_step)
+        writer.add_scalar("charts/episodic_return", episode_return.mean(), global_step)
+        if loop.passes(global_step, args.eval_every) and global_step < args.total_steps and args.eval_episodes_during:
+            evaluator(policy, global_step, args.eval_episodes_during)
+        loop.end_of_step(global_step, losses)
+
+    evaluator(policy, args.total_steps, args.eval_episodes)
+    checkpoint(args.total_steps, finished=True)
+    if args.capture_video:
+        record_video(args.video_task, names, policy, args.seed + 10_000, args.episode_length, run_dir / "eval.mp4")
+    print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                                  if not isinstance(v, dict)))
+    print(f"checkpoint: {checkpoint_path}")
+    envs.close()
+    eval_envs.close()
+    writer.close()
