@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("opal_vae.py", "opal_cql.py", "opal_fewshot_il.py", "opal_online_sac.py", "collect_data.py")
+SCRIPTS = ("opal_vae.py", "opal_cql.py", "opal_fewshot_il.py", "opal_online_sac.py", "opal_mt_transfer.py",
+           "collect_data.py")
 
 # (name, original text, mutated text): the original must occur once in each script it occurs in
 MUTANTS = [
@@ -249,6 +250,29 @@ MUTANTS = [
      "self.penalty_target = -float(choice_dim) if prior is None"),
     ("sac-prior-start-ignores-spread", "z = (mean + log_std.exp() * noise).clamp(low, high)",
      "z = mean.clamp(low, high)"),
+    # --- opal_mt_transfer.py ---
+    ("ppo-gae-no-lambda", "next_advantage = delta + discount * lam * not_done * next_advantage",
+     "next_advantage = delta + discount * not_done * next_advantage"),
+    ("ppo-gae-advantage-crosses-episodes", "next_advantage = delta + discount * lam * not_done * next_advantage",
+     "next_advantage = delta + discount * lam * next_advantage"),
+    ("ppo-gae-bootstraps-episode-end", "delta = rewards[k] + discount * not_done * next_values - values[k]",
+     "delta = rewards[k] + discount * next_values - values[k]"),
+    ("ppo-targets-are-advantages", "return advantages, advantages + values", "return advantages, advantages"),
+    ("ppo-surrogate-optimistic", "return torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))",
+     "return torch.min(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))"),
+    ("ppo-surrogate-unclipped", "-advantages * ratio.clamp(1.0 - clip, 1.0 + clip)).mean()", "-advantages * ratio).mean()"),
+    ("ppo-value-loss-no-half", "return 0.5 * torch.max((values - targets) ** 2", "return torch.max((values - targets) ** 2"),
+    ("ppo-value-clip-not-around-old", "clipped = old_values + (values - old_values).clamp(-clip, clip)",
+     "clipped = values.clamp(-clip, clip)"),
+    ("ppo-normalizer-mean-ignores-count", "self.mean.add_(delta * batch_count / total)", "self.mean.add_(delta / total)"),
+    ("ppo-normalizer-unclipped", "return ((x - self.mean) / (self.var + 1e-8).sqrt()).clamp(-10.0, 10.0)",
+     "return (x - self.mean) / (self.var + 1e-8).sqrt()"),
+    ("ppo-reward-return-never-restarts", "self.returns.mul_(1.0 - dones)", "self.returns.mul_(1.0)"),
+    ("ppo-reward-scaled-by-variance", "return (rewards / (self.stats.var[0] + 1e-8).sqrt()).clamp(-10.0, 10.0)",
+     "return (rewards / (self.stats.var[0] + 1e-8)).clamp(-10.0, 10.0)"),
+    ("ppo-held-choice-one-step-too-long", "new = torch.as_tensor(self.held_for >= self.c, device=self.device)",
+     "new = torch.as_tensor(self.held_for > self.c, device=self.device)"),
+    ("ppo-held-choice-reset-ignored", "        self.held_for[mask] = self.c\n", "        self.held_for[mask] = 1\n"),
 ]
 
 

@@ -32,9 +32,10 @@ def test_ppo_losses_by_hand():
     # ρ = 1.5, A = 1: max(-1.5, -1.2) = -1.2; ρ = 1.5, A = -1: max(1.5, 1.2) = 1.5; ρ = 0.5, A = 2: max(-1, -1.6) = -1
     loss = mt.clipped_surrogate_loss(advantages, log_ratio, 0.2)
     assert loss.item() == pytest.approx((-1.2 + 1.5 - 1.0) / 3)
-    values, old, targets = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 2.9]), torch.tensor([2.0, 0.0])
-    # (1 - 2)² = 1 against (0 + 0.2 - 2)² = 3.24; (3 - 0)² = 9 against (2.9 + 0.1 - 0)² = 9: ½ (3.24 + 9) / 2
-    assert mt.clipped_value_loss(values, old, targets, 0.2).item() == pytest.approx(0.5 * (3.24 + 9.0) / 2)
+    values, old, targets = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 2.9]), torch.tensor([2.0, 5.0])
+    # (1 - 2)² = 1 against (0 + 0.2 - 2)² = 3.24; (3 - 5)² = 4 against (2.9 + 0.1 - 5)² = 4: ½ (3.24 + 4) / 2
+    # (clipping V itself instead of V - V_old would give (0.2 - 5)² = 23.04 for the second)
+    assert mt.clipped_value_loss(values, old, targets, 0.2).item() == pytest.approx(0.5 * (3.24 + 4.0) / 2)
 
 
 def test_running_normalizer_and_reward_scaler():
@@ -116,3 +117,14 @@ def test_refusals(sandbox, vae_checkpoints, metaworld_vae):
     assert_refused(run_script(sandbox, "opal_mt_transfer.py", "--vae-ckpt", metaworld_vae, "--episode-length", 12),
                    "--episode-length 12 is not a multiple of the primitives' c = 5")
     assert_refused(run_script(sandbox, "opal_mt_transfer.py"), "--primitives opal needs --vae-ckpt")
+
+
+@pytest.mark.mt50
+@pytest.mark.parametrize("mode", ["opal", "none"])
+def test_mt50_runs(sandbox, metaworld_vae, mode):
+    """MT50 takes the same path with 50 tasks (89-d states); left out of the default run: python -m pytest -m mt50."""
+    vae = ["--vae-ckpt", metaworld_vae] if mode == "opal" else ["--primitives", "none"]
+    result = run_script(sandbox, "opal_mt_transfer.py", "--benchmark", "MT50", *TINY, "--total-steps", 1000, *vae,
+                        "--runs-dir", sandbox["base"] / f"mt50-{mode}", timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MT50: 50 tasks, state 89-d with the task id" in result.stdout and "over 50 tasks" in result.stdout
