@@ -484,7 +484,8 @@ def test_speed_flags_train(sandbox, datasets, flag):
 
 
 def test_only_the_known_adroit_notice_is_silenced(sandbox):
-    for script in ("opal_vae.py", "opal_cql.py", "opal_fewshot_il.py", "opal_online_sac.py", "collect_data.py"):
+    for script in ("opal_vae.py", "opal_cql.py", "opal_fewshot_il.py", "opal_online_sac.py", "opal_mt_transfer.py",
+                   "collect_data.py"):
         result = run_script(sandbox, script, "--help")
         assert result.returncode == 0 and "usage:" in result.stdout
         assert "Adroit" not in result.stdout + result.stderr
