@@ -7,6 +7,8 @@ action is a latent z, held for c steps through the frozen primitive policy π_θ
 each high-level step is (s, z, R = Σ_{t<c} γ^t r_t, s'), its advantage computed by GAE over high-level steps.
 `--primitives none` is the same PPO on raw actions (c = 1), the baseline. The task policy sees Meta-World's state and
 the one-hot task id; the primitive policy sees the state alone, as in pick-and-place (see `held_choice_actions`).
+The task policy's output is read relative to the VAE's prior ρ(z|s), z = μ_ρ(s) + σ_ρ(s) u (`ChoiceSpace`; ours),
+so that the untrained policy draws the primitives the pick-and-place data would use from each state.
 
 A *choice* below is what the task policy outputs: the latent z with primitives (held for c steps), the raw action a
 without them (c = 1). The same code handles both. The PPO is CleanRL's `ppo_continuous_action.py` (its defaults
@@ -104,6 +106,9 @@ class Args:
     """half-width of the std box, in standard deviations of the relabelled latents (ours)"""
     latent_margin: float = 0.0
     """widen the latent box by this fraction of its width on each side (ours)"""
+    choice_space: Literal["prior", "box"] = "prior"
+    """prior: the task policy's output u means z = μ_ρ(s) + σ_ρ(s) u, relative to the VAE's prior, so the untrained
+    policy draws z ~ ρ(z|s) (ours, by measurement); box: z = u; either clipped into the latent box"""
     high_level_discount: Literal["decision", "window"] = "decision"
     """decision: γ per high-level decision (SPiRL, SUPE; as opal_cql.py); window: γ^c for a window of c steps"""
 
@@ -239,6 +244,20 @@ def encode_windows(encoder, observations, actions, starts, c):
 # --- end shared ---
 
 
+# --- shared: prior ---
+class Prior(nn.Module):
+    """ρ_ω(z|s_0): which primitives are plausible from the first state."""
+
+    def __init__(self, obs_dim, latent_dim, hidden_dim=200):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim, hidden_dim, 2 * latent_dim)
+
+    def forward(self, first_states):
+        return gaussian_head(self.net(self.normalize(first_states)))
+# --- end shared ---
+
+
 # --- shared: primitive_policy ---
 class PrimitivePolicy(nn.Module):
     """π_θ(a|s,z): the decoder; one z drives c consecutive actions."""
@@ -328,6 +347,22 @@ class RewardScaler(nn.Module):
         return (rewards / (self.stats.var[0] + 1e-8).sqrt()).clamp(-10.0, 10.0)
 
 
+class ChoiceSpace:
+    """How the task policy's output u becomes the choice that is held. With primitives and --choice-space prior,
+    u is read relative to the VAE's prior: z = μ_ρ(s) + σ_ρ(s) ⊙ u (ours), so the untrained policy (u ~ N(0, I))
+    draws z ~ ρ(z|s), the primitives the pick-and-place data would use from s; with --choice-space box (and for raw
+    actions) the choice is u. Either is clipped into its box: the latent box, or the action bounds."""
+
+    def __init__(self, low, high, prior=None):
+        self.low, self.high, self.prior = low, high, prior
+
+    def __call__(self, states, choices):
+        if self.prior is not None:
+            mean, log_std = self.prior(states[:, :STATE_DIM])
+            choices = mean + log_std.exp() * choices
+        return choices.clamp(self.low, self.high)
+
+
 def held_choice_actions(primitive_policy, states, choices):
     """The environment action for a held choice: the primitive policy's mean action π_θ(a|s, z) on Meta-World's
     39-d state, without the one-hot task id the benchmark appends (ours, as the public OPAL re-implementation
@@ -339,14 +374,14 @@ def held_choice_actions(primitive_policy, states, choices):
 
 
 @torch.no_grad()
-def collect_rollout(envs, agent, obs_normalizer, reward_scaler, primitive_policy, c, choice_low, choice_high, gamma,
-                    discount, device):
+def collect_rollout(envs, agent, obs_normalizer, reward_scaler, primitive_policy, c, choice_space, gamma, discount,
+                    device):
     """One episode in every environment of the benchmark. At every high-level step k the task policy samples a
-    choice per environment, the choice (clipped into its box) is held for c environment steps, and the step's reward
-    is R_k = Σ_{t<c} γ^t r_t. Training episodes last a multiple of c steps and never end early, so every
-    environment's decisions and episode end align. Returns the high-level steps as tensors (T, N, ·): standardised
-    states, choices, log π_old(choice|s), V_old(s), scaled rewards and dones; and every environment's episode return
-    and success (at any step)."""
+    choice per environment, `choice_space` makes it a latent (or an action) in its box, which is held for c
+    environment steps, and the step's reward is R_k = Σ_{t<c} γ^t r_t. Training episodes last a multiple of c steps
+    and never end early, so every environment's decisions and episode end align. Returns the high-level steps as
+    tensors (T, N, ·): standardised states, the policy's outputs, log π_old(output|s), V_old(s), scaled rewards and
+    dones; and every environment's episode return and success (at any step)."""
     observations, _ = envs.reset()
     states = torch.as_tensor(observations, dtype=torch.float32, device=device)
     num_envs = len(states)
@@ -357,7 +392,7 @@ def collect_rollout(envs, agent, obs_normalizer, reward_scaler, primitive_policy
         obs_normalizer.update(states)  # as CleanRL's NormalizeObservation: the statistics first see the state
         normalized = obs_normalizer(states)
         choices, log_probs, _, values = agent.choice_and_value(normalized)
-        held = choices.clamp(choice_low, choice_high)
+        held = choice_space(states, choices)
         window_reward = torch.zeros(num_envs, device=device)
         for t in range(c):  # the primitive runs c steps: R = Σ_{t<c} γ^t r_t
             actions = held_choice_actions(primitive_policy, states, held)
@@ -789,7 +824,7 @@ class Loop:
 
 
 def primitives_and_latent_box(vae: dict, args, device):
-    """The frozen primitive policy of `vae` and the task policy's latent box, computed as opal_cql.py computes it:
+    """The frozen primitive policy and prior of `vae` and the latent box, computed as opal_cql.py computes it:
     the VAE's own dataset relabelled with its encoder, windows of stride c, z = μ_φ(τ)."""
     dataset = load_minari_dataset(vae["dataset_id"])
     data = load_flat_dataset(dataset, observation_layout(dataset), device)
@@ -800,7 +835,9 @@ def primitives_and_latent_box(vae: dict, args, device):
     choice_low, choice_high = latent_box(latents, args.latent_bound, args.latent_bound_std, args.latent_margin)
     primitive_policy = PrimitivePolicy(STATE_DIM, ACTION_DIM, vae["latent_dim"], vae["hidden_dim"]).to(device)
     primitive_policy.load_state_dict(vae["primitive_policy"])
-    return primitive_policy.requires_grad_(False), choice_low, choice_high
+    prior = Prior(STATE_DIM, vae["latent_dim"], vae["hidden_dim"]).to(device)
+    prior.load_state_dict(vae["prior"])
+    return primitive_policy.requires_grad_(False), prior.requires_grad_(False), choice_low, choice_high
 
 
 def make_benchmark(benchmark: str, seed: int, episode_length: int, strategy: str, autoreset_mode):
@@ -838,9 +875,9 @@ class HeldChoicePolicy:
     (deterministic), held for c steps per environment through the primitive policy; a new choice where an episode
     starts or the last choice has run its c steps."""
 
-    def __init__(self, agent, obs_normalizer, primitive_policy, c, choice_low, choice_high, device):
+    def __init__(self, agent, obs_normalizer, primitive_policy, c, choice_space, device):
         self.agent, self.obs_normalizer, self.primitive_policy, self.c = agent, obs_normalizer, primitive_policy, c
-        self.low, self.high, self.device, self.held_for, self.choices = choice_low, choice_high, device, None, None
+        self.choice_space, self.device, self.held_for, self.choices = choice_space, device, None, None
 
     def reset(self, env_mask):
         mask = np.asarray(env_mask, dtype=bool)
@@ -851,7 +888,7 @@ class HeldChoicePolicy:
     @torch.no_grad()
     def eval_action(self, observations):
         states = torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=self.device)
-        fresh = self.agent.actor_mean(self.obs_normalizer(states)).clamp(self.low, self.high)
+        fresh = self.choice_space(states, self.agent.actor_mean(self.obs_normalizer(states)))
         new = torch.as_tensor(self.held_for >= self.c, device=self.device)
         self.choices = fresh if self.choices is None else torch.where(new[:, None], fresh, self.choices)
         self.held_for = np.where(self.held_for >= self.c, 1, self.held_for + 1)
@@ -912,7 +949,7 @@ if __name__ == "__main__":
     if args.capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering without a display
     device = setup_torch(args.seed, args.device)
-    vae, primitive_policy, c = None, None, 1
+    vae, primitive_policy, prior, c = None, None, None, 1
     if args.primitives == "opal":
         vae = load_upstream(args.vae_ckpt, "opal_vae", args.allow_unfinished)
         if (vae["obs_dim"], vae["act_dim"]) != (STATE_DIM, ACTION_DIM):
@@ -924,7 +961,7 @@ if __name__ == "__main__":
         fail(f"--episode-length {args.episode_length} is not a multiple of the primitives' c = {c}: every episode "
              "must end where a primitive ends.")
     if vae is not None:
-        primitive_policy, choice_low, choice_high = primitives_and_latent_box(vae, args, device)
+        primitive_policy, prior, choice_low, choice_high = primitives_and_latent_box(vae, args, device)
     else:  # plain PPO: the choice is the action, its box the action bounds
         choice_low, choice_high = -torch.ones(ACTION_DIM, device=device), torch.ones(ACTION_DIM, device=device)
     print(f"making Meta-World {args.benchmark} twice (training, evaluation); this takes a while")
@@ -946,7 +983,9 @@ if __name__ == "__main__":
     print(f"{args.benchmark}: {num_envs} tasks, state {obs_dim}-d with the task id, c = {c}; {args.total_steps} "
           f"environment steps = {num_iterations} PPO iterations of {steps_per_iteration // c} high-level steps; "
           f"run dir {run_dir}")
-    agent = ActorCritic(obs_dim, len(choice_low), args.hidden_dim, (choice_low + choice_high) / 2).to(device)
+    choice_space = ChoiceSpace(choice_low, choice_high, prior if args.choice_space == "prior" else None)
+    centre = torch.zeros_like(choice_low) if choice_space.prior is not None else (choice_low + choice_high) / 2
+    agent = ActorCritic(obs_dim, len(choice_low), args.hidden_dim, centre).to(device)
     obs_normalizer, reward_scaler = RunningNormalizer(obs_dim).to(device), RewardScaler(num_envs).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # CleanRL's eps
     discount = backup_discounts(torch.tensor(c, device=device), args.gamma, args.high_level_discount)
@@ -973,13 +1012,14 @@ if __name__ == "__main__":
             "latent_dim": vae["latent_dim"] if vae is not None else None,
             "hidden_dim": vae["hidden_dim"] if vae is not None else None,
             "primitive_policy": primitive_policy.state_dict() if vae is not None else None,
+            "prior": prior.state_dict() if choice_space.prior is not None else None,
             "policy_hidden_dim": args.hidden_dim, "agent": agent.state_dict(),
             "obs_normalizer": obs_normalizer.state_dict(), "reward_scaler": reward_scaler.state_dict(),
             "optimizer": optimizer.state_dict(), "envs": environment_rngs(envs), "eval_envs": environment_rngs(eval_envs),
             "step": step, "finished": finished, "summary": dict(summary), "rng": {"torch": torch.get_rng_state()}})
 
     # PPO: every iteration collects one episode of every task, computes GAE over its high-level steps and updates
-    policy = HeldChoicePolicy(agent, obs_normalizer, primitive_policy, c, choice_low, choice_high, device)
+    policy = HeldChoicePolicy(agent, obs_normalizer, primitive_policy, c, choice_space, device)
     evaluator = Evaluator(eval_envs, names, writer, summary)
     loop = Loop("PPO", first_step, args.total_steps, args, writer, summary, checkpoint, checkpoint_path,
                 stop_requested, show=("value_loss", "approx_kl"), desc=f"PPO ({args.primitives}, {args.benchmark})",
@@ -989,8 +1029,8 @@ if __name__ == "__main__":
         if args.anneal_lr:  # CleanRL: lr_i = (1 - (i - 1) / I) lr
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1) / num_iterations) * args.learning_rate
         rollout, episode_return, success = collect_rollout(envs, agent, obs_normalizer, reward_scaler,
-                                                           primitive_policy, c, choice_low, choice_high, args.gamma,
-                                                           discount, device)
+                                                           primitive_policy, c, choice_space, args.gamma, discount,
+                                                           device)
         advantages, returns = generalized_advantages(rollout["rewards"], rollout["values"], rollout["dones"],
                                                      discount, torch.zeros(num_envs, device=device), args.gae_lambda)
         batch = {name: value.flatten(0, 1) for name, value in  # (T N, ·): high-level steps of all tasks

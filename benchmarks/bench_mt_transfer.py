@@ -55,8 +55,8 @@ def main(args: Args):
                 normalizer, scaler = mt.RunningNormalizer(obs_dim), mt.RewardScaler(envs.num_envs)
                 low, high = -torch.ones(choice_dim), torch.ones(choice_dim)
                 start = time.perf_counter()
-                rollout, _, _ = mt.collect_rollout(envs, agent, normalizer, scaler, primitive_policy, c, low, high,
-                                                   0.99, torch.tensor(0.99), "cpu")
+                rollout, _, _ = mt.collect_rollout(envs, agent, normalizer, scaler, primitive_policy, c,
+                                                   mt.ChoiceSpace(low, high), 0.99, torch.tensor(0.99), "cpu")
                 seconds = time.perf_counter() - start
                 print(f"  rollout ({mode}, c = {c}): {envs.num_envs * args.episode_length / seconds:,.0f} env steps/s")
                 if strategy != "sync":

@@ -272,6 +272,9 @@ MUTANTS = [
      "return (rewards / (self.stats.var[0] + 1e-8)).clamp(-10.0, 10.0)"),
     ("ppo-held-choice-one-step-too-long", "new = torch.as_tensor(self.held_for >= self.c, device=self.device)",
      "new = torch.as_tensor(self.held_for > self.c, device=self.device)"),
+    ("ppo-prior-choice-variance", "            choices = mean + log_std.exp() * choices\n",
+     "            choices = mean + (2 * log_std).exp() * choices\n"),
+    ("ppo-prior-choice-unclipped", "        return choices.clamp(self.low, self.high)\n", "        return choices\n"),
     ("ppo-held-choice-reset-ignored", "        self.held_for[mask] = self.c\n", "        self.held_for[mask] = 1\n"),
 ]
 

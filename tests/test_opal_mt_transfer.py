@@ -65,8 +65,8 @@ def test_evaluation_holds_each_choice_for_c_steps():
             CountingActor.calls += 1
             return torch.full((len(states), 4), float(CountingActor.calls))
 
-    policy = mt.HeldChoicePolicy(CountingActor(), lambda s: s, None, 3, -100.0 * torch.ones(4), 100 * torch.ones(4),
-                                 "cpu")
+    policy = mt.HeldChoicePolicy(CountingActor(), lambda s: s, None, 3,
+                                 mt.ChoiceSpace(-100.0 * torch.ones(4), 100 * torch.ones(4)), "cpu")
     policy.reset(np.ones(2, dtype=bool))
     held = []
     for _ in range(4):
@@ -76,6 +76,22 @@ def test_evaluation_holds_each_choice_for_c_steps():
     policy.reset(np.array([False, True]))
     policy.eval_action(np.zeros((2, 49)))
     assert policy.choices[:, 0].tolist() == [4.0, 5.0]  # the restarted environment chose anew, the other held
+
+
+def test_choices_relative_to_the_prior():
+    """--choice-space prior: z = μ_ρ(s) + σ_ρ(s) u from the 39-d state alone (the task id is not the prior's),
+    clipped into the box; box: z = u, clipped."""
+    class Prior(torch.nn.Module):
+        def forward(self, states):
+            assert states.shape[1] == mt.STATE_DIM
+            return states[:, :2] * 0 + torch.tensor([1.0, -1.0]), torch.log(torch.tensor([[2.0, 0.5]]))
+
+    states, u = torch.zeros(2, mt.STATE_DIM + 10), torch.tensor([[0.5, 2.0], [3.0, -1.0]])
+    relative = mt.ChoiceSpace(torch.tensor([-5.0, -5.0]), torch.tensor([3.0, 5.0]), Prior())
+    # (1 + 2·0.5, -1 + 0.5·2) = (2, 0); (1 + 2·3, -1 + 0.5·-1) = (7 → 3 clipped, -1.5)
+    torch.testing.assert_close(relative(states, u), torch.tensor([[2.0, 0.0], [3.0, -1.5]]))
+    box = mt.ChoiceSpace(torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(box(states, u), torch.tensor([[0.5, 1.0], [1.0, -1.0]]))
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +122,9 @@ def test_end_to_end_on_mt10(sandbox, metaworld_vae, mode):
     # the updates ran: 2 iterations × 2 epochs × the 4 minibatches of an iteration's 10 × 20 / c high-level steps
     assert saved["optimizer"]["state"][0]["step"].item() == 2 * 2 * 4
     assert saved["summary"]["approx_kl"] > 0 and saved["obs_normalizer"]["count"].item() > 2 * 200 / c
-    if mode == "opal":  # the primitive policy comes with it, and the latent box is the VAE's data's
+    if mode == "opal":  # the primitive policy and the prior come with it, and the latent box is the VAE's data's
         assert saved["primitive_policy"] is not None and saved["dataset_id"] == "test/metaworld-pick-place-v0"
+        assert saved["prior"] is not None and saved["args"]["choice_space"] == "prior"
         assert all(low < high for low, high in zip(saved["choice_low"], saved["choice_high"]))
 
 
