@@ -489,7 +489,8 @@ def plot(scores: dict, out: Path):
         estimates = [interval_estimates([curve[step] for curve in curves])["iqm"] for step in steps]
         axis.plot(steps, [e[0] for e in estimates], marker="o", label=f"{name[label]} ({len(curves)} runs)")
         axis.fill_between(steps, [e[1] for e in estimates], [e[2] for e in estimates], alpha=0.2)
-    online = all(record["script"] == "opal_online_sac.py" for label in labels for record in scores[label][1])
+    online = all(record["script"] in ("opal_online_sac.py", "opal_mt_transfer.py")
+                 for label in labels for record in scores[label][1])
     axis.set_xlabel("environment steps" if online else "gradient steps")
     axis.set_ylabel("normalised score, IQM over runs (95% CI)")
     if axis.lines:
