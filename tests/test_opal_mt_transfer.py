@@ -109,10 +109,13 @@ def metaworld_vae(sandbox, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["opal", "none"])
 def test_end_to_end_on_mt10(sandbox, metaworld_vae, mode):
-    vae = ["--vae-ckpt", metaworld_vae] if mode == "opal" else ["--primitives", "none"]
+    vae = ["--vae-ckpt", metaworld_vae, "--capture-video"] if mode == "opal" else ["--primitives", "none"]
     result = run_script(sandbox, "opal_mt_transfer.py", *TINY, *vae, "--runs-dir", sandbox["base"] / f"mt-{mode}")
     assert result.returncode == 0, result.stderr[-3000:]
     c = 5 if mode == "opal" else 1
+    if mode == "opal":  # --capture-video: one evaluation episode of pick-place-v3, filmed
+        video = next((sandbox["base"] / "mt-opal").glob("*/eval.mp4"))
+        assert video.stat().st_size > 1000 and video.read_bytes()[4:8] == b"ftyp"
     assert f"MT10: 10 tasks, state 49-d with the task id, c = {c}; 400 environment steps = 2 PPO iterations of " \
            f"{200 // c} high-level steps" in result.stdout
     assert "step 200: success rate" in result.stdout and "pick-place-v3" in result.stdout
