@@ -304,13 +304,12 @@ class RunningNormalizer(nn.Module):
 
 class ActorCritic(nn.Module):
     """CleanRL's continuous PPO agent: an actor MLP for the mean of a Gaussian over choices with a state-independent
-    log-std, and a critic MLP for V(s), both with tanh and orthogonal initialisation; states are standardised by
-    running statistics of the states seen in training. The actor's mean starts at `centre`: the latent box's
-    centre, 0 for raw actions (ours)."""
+    log-std, and a critic MLP for V(s), both with tanh and orthogonal initialisation. It reads states standardised
+    by the rollout's `RunningNormalizer`, as CleanRL's agent reads its wrapper's. The actor's mean starts at
+    `centre` (ours): 0 for choices relative to the prior and for raw actions, the latent box's centre otherwise."""
 
     def __init__(self, obs_dim: int, choice_dim: int, hidden_dim: int, centre: torch.Tensor):
         super().__init__()
-        self.normalize = RunningNormalizer(obs_dim)
         hidden = lambda: [layer_init(nn.Linear(obs_dim, hidden_dim)), nn.Tanh(),
                           layer_init(nn.Linear(hidden_dim, hidden_dim)), nn.Tanh()]
         self.critic = nn.Sequential(*hidden(), layer_init(nn.Linear(hidden_dim, 1), std=1.0))
@@ -318,17 +317,12 @@ class ActorCritic(nn.Module):
                                                                bias=centre))
         self.actor_logstd = nn.Parameter(torch.zeros(1, choice_dim))
 
-    def value(self, states):
-        return self.critic(self.normalize(states)).squeeze(-1)
-
     def choice_and_value(self, states, choices=None):
-        """(choice ~ π(·|s) unless given, log π(choice|s), entropy, V(s)) for a batch of raw states."""
-        normalized = self.normalize(states)
-        mean = self.actor_mean(normalized)
+        """(choice ~ π(·|s) unless given, log π(choice|s), entropy, V(s)) for a batch of standardised states."""
+        mean = self.actor_mean(states)
         policy = torch.distributions.Normal(mean, self.actor_logstd.expand_as(mean).exp())
         choices = policy.sample() if choices is None else choices
-        return (choices, policy.log_prob(choices).sum(-1), policy.entropy().sum(-1),
-                self.critic(normalized).squeeze(-1))
+        return choices, policy.log_prob(choices).sum(-1), policy.entropy().sum(-1), self.critic(states).squeeze(-1)
 
 
 class RewardScaler(nn.Module):
