@@ -81,14 +81,17 @@ class Args:
     settle_steps: int = 25
     """metaworld-pick-place: an episode ends this many steps after its first success (ours: the rest of Meta-World's
     500 steps is the arm holding the object still), or at 500 steps without one"""
-
-    def __post_init__(self):
-        if self.kind is None:
-            self.kind = "expert" if self.env == "metaworld-pick-place" else "diverse"
     seed: int = 0
     """seed of the environment and of the noise"""
     overwrite: bool = False
     """replace an existing dataset with the same id"""
+
+    def __post_init__(self):  # the defaults that depend on --env
+        metaworld = self.env == "metaworld-pick-place"
+        if self.kind is None:
+            self.kind = "expert" if metaworld else "diverse"
+        if self.episodes is None:
+            self.episodes = 1_000 if metaworld else 30
 
 
 # Evaluation maps as D4RL defines them: reset cell top-left, goal cell bottom-right (row, column).
@@ -187,13 +190,13 @@ def run_episode(env, policy, seed, options=None, max_steps=None, settle_steps=No
     sim = simulator(env)
     observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
     infos = {"success": [info.get("success", False)]}
+    first_success = 0 if infos["success"][0] else None  # its row in infos["success"]
     if sim is not None:
         infos.update(qpos=[sim.data.qpos.copy()], qvel=[sim.data.qvel.copy()], goal=[obs["desired_goal"]])
     while True:
         action = policy(obs)
         obs, reward, terminated, truncated, info = env.step(action)
         truncated = truncated or (max_steps is not None and len(actions) + 1 >= max_steps)
-        first_success = infos["success"].index(True) if True in infos["success"] else None
         truncated = truncated or (settle_steps is not None and first_success is not None
                                   and len(actions) + 1 - first_success >= settle_steps)
         observations.append(obs)
@@ -202,6 +205,8 @@ def run_episode(env, policy, seed, options=None, max_steps=None, settle_steps=No
         terminations.append(terminated)
         truncations.append(truncated)
         infos["success"].append(info.get("success", False))
+        if first_success is None and infos["success"][-1]:
+            first_success = len(infos["success"]) - 1
         if sim is not None:
             infos["qpos"].append(sim.data.qpos.copy())
             infos["qvel"].append(sim.data.qvel.copy())
@@ -246,7 +251,7 @@ def collect(args: Args):
     if args.kind == "expert":
         reset_cell = np.array(MAZES[size]["reset_cell"]) if args.starts == "reset" else None  # None: drawn by the env
         options = {"reset_cell": reset_cell, "goal_cell": np.array(MAZES[size]["goal_cell"])}
-        for episode in tqdm(range(args.episodes or 30), desc="demonstrations"):
+        for episode in tqdm(range(args.episodes), desc="demonstrations"):
             buffers.append(run_episode(data_env, policy, seed=args.seed + episode, options=options))
         return buffers, data_env, eval_env
     with tqdm(total=total_steps, desc=f"{args.kind} {args.env}", unit="step") as progress:
@@ -273,10 +278,9 @@ def collect_metaworld(args: Args):
     expert, rng = SawyerPickPlaceV3Policy(), np.random.default_rng(args.seed)
     policy = lambda obs: np.clip(expert.get_action(obs) + args.action_noise * rng.standard_normal(4),
                                  -1.0, 1.0).astype(np.float32)
-    episodes = args.episodes or 1_000
     buffers = [run_episode(env, policy, seed=args.seed + episode, max_steps=args.episode_length,
                            settle_steps=args.settle_steps)
-               for episode in tqdm(range(episodes), desc=f"{METAWORLD_TASK} expert")]
+               for episode in tqdm(range(args.episodes), desc=f"{METAWORLD_TASK} expert")]
     return buffers, env, None
 
 

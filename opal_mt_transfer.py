@@ -882,10 +882,12 @@ class HeldChoicePolicy:
     @torch.no_grad()
     def eval_action(self, observations):
         states = torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=self.device)
-        fresh = self.choice_space(states, self.agent.actor_mean(self.obs_normalizer(states)))
-        new = torch.as_tensor(self.held_for >= self.c, device=self.device)
-        self.choices = fresh if self.choices is None else torch.where(new[:, None], fresh, self.choices)
-        self.held_for = np.where(self.held_for >= self.c, 1, self.held_for + 1)
+        due = self.held_for >= self.c
+        if due.any():  # the task policy runs only at a decision (for every environment at once)
+            fresh = self.choice_space(states, self.agent.actor_mean(self.obs_normalizer(states)))
+            mask = torch.as_tensor(due, device=self.device)[:, None]
+            self.choices = fresh if self.choices is None else torch.where(mask, fresh, self.choices)
+        self.held_for = np.where(due, 1, self.held_for + 1)
         return held_choice_actions(self.primitive_policy, states, self.choices).cpu().numpy()
 
 

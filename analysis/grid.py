@@ -239,7 +239,8 @@ def run_grid(grid: dict, args: Args) -> int:
     for key in finished:
         print(f"skip      {key}: finished before", flush=True)
     # a run kept in the records file whose folder is gone has finished too, unless a run to do needs its checkpoint
-    recorded = set(matching_records(grid)) - set(finished)
+    # (the finished checkpoints on disk are known already: only the records file is read)
+    recorded = set(matching_records(grid, on_disk=False)) - set(finished)
     needed = {run["vae"] for run in runs if run["key"] not in finished and run["key"] not in recorded}
     for key in sorted(recorded - needed):
         finished[key] = {"key": key, "status": "finished", "checkpoint": None}
@@ -349,16 +350,17 @@ def record_of(path: Path) -> Optional[dict]:
             "versions": payload.get("versions")}
 
 
-def matching_records(grid: dict, import_runs=()) -> dict:
-    """{run key: record} of the grid's finished runs: checkpoints under each run's directory, and the grid's records
-    file. A record belongs to a run if script, seed and --exp-name agree and every flag that is not bookkeeping
-    equals what the grid's command line gives; others are named and left out."""
+def matching_records(grid: dict, import_runs=(), on_disk: bool = True) -> dict:
+    """{run key: record} of the grid's finished runs: checkpoints under each run's directory (unless `on_disk` is
+    off), and the grid's records file. A record belongs to a run if script, seed and --exp-name agree and every flag
+    that is not bookkeeping equals what the grid's command line gives; others are named and left out."""
     candidates = []
     if grid["records"] is not None and grid["records"].exists():
         candidates += [json.loads(line) for line in grid["records"].read_text().splitlines() if line.strip()]
     paths = [path for folder in import_runs for name in CHECKPOINT.values()
              for path in sorted(Path(folder).rglob(name))]
-    paths += [path for run in grid["runs"] for path in sorted(Path(run["dir"]).glob(f"*/{CHECKPOINT[run['script']]}"))]
+    paths += [path for run in grid["runs"] if on_disk
+              for path in sorted(Path(run["dir"]).glob(f"*/{CHECKPOINT[run['script']]}"))]
     candidates += filter(None, map(record_of, paths))  # (each checkpoint loaded once)
     matched, intended_of = {}, {}
     for run in grid["runs"]:

@@ -72,10 +72,11 @@ def test_evaluation_holds_each_choice_for_c_steps():
     for _ in range(4):
         policy.eval_action(np.zeros((2, 49)))
         held.append(policy.choices[:, 0].tolist())
-    assert held == [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [4.0, 4.0]]  # the 4th step chose anew, after 3 held
+    assert held == [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [2.0, 2.0]]  # the 4th step chose anew, after 3 held
     policy.reset(np.array([False, True]))
     policy.eval_action(np.zeros((2, 49)))
-    assert policy.choices[:, 0].tolist() == [4.0, 5.0]  # the restarted environment chose anew, the other held
+    assert policy.choices[:, 0].tolist() == [2.0, 3.0]  # the restarted environment chose anew, the other held
+    assert CountingActor.calls == 3  # the task policy ran at the three decisions only, not at every step
 
 
 def test_choices_relative_to_the_prior():
