@@ -4,9 +4,10 @@ OPAL (Ajay et al., ICLR 2021, Section 4.1) relabels the dataset with the encoder
 window becomes one high-level transition (s_0, z = μ_φ(τ), Σ_{t<c} γ^t r_t, s_c). Conservative Q-learning (CQL;
 Kumar et al., 2020) learns the task policy π_ψ(z|s) from these transitions; at test time the frozen primitive policy
 π_θ(a|s,z) turns each z into c actions. `--primitives none` runs the same CQL on raw actions (c = 1): the baseline
-column of the paper's Table 1. Two defaults are ours, chosen by measurement (docs/opal_cql.md, details 4 and 14):
-each high-level transition is backed up with γ once per decision, and the task policy pays λ KL(π_ψ ‖ ρ_ω) toward
-the VAE's prior, as SPiRL does; the paper fixes neither.
+column of the paper's Table 1. Three defaults are ours, chosen by measurement (docs/opal_cql.md, details 4, 13
+and 14): each high-level transition is backed up with γ once per decision, the task policy pays λ KL(π_ψ ‖ ρ_ω)
+toward the VAE's prior, as SPiRL does, and the CQL weight stays fixed on the latent space (CORL's Lagrange tuning
+on raw actions); the paper fixes none of them.
 
 A *choice* below is what the task policy outputs and the critics score: the latent z with primitives (held for c
 steps), the raw action a without them (c = 1). The same code handles both.
@@ -145,8 +146,10 @@ class Args:
     """hidden layers of each critic; default 5 for D4RL aliases (CORL antmaze), 3 otherwise (ours)"""
     cql_alpha: float = 5.0
     """weight of the CQL regulariser (CORL antmaze: 5)"""
-    lagrange: bool = True
-    """tune the CQL weight with a Lagrange multiplier towards --target-action-gap (CORL antmaze)"""
+    lagrange: Optional[bool] = None
+    """tune the CQL weight with a Lagrange multiplier towards --target-action-gap; default True on raw actions
+    (CORL antmaze), False with primitives (ours: on the latent space the gap stays above the target and α' grows
+    without bound; docs/opal_cql.md, detail 13)"""
     target_action_gap: float = 0.8
     """the Lagrange variant's target for E[logsumexp Q] - E_data[Q] (CORL antmaze: 0.8)"""
     cql_n_actions: int = 10
@@ -172,6 +175,8 @@ class Args:
         if self.primitives == "opal" and not self.vae_ckpt and not self.resume:
             fail("--primitives opal needs --vae-ckpt runs/<opal_vae run>/opal_vae.pt (train one with opal_vae.py), "
                  "or use --primitives none for plain CQL.")
+        if self.lagrange is None:
+            self.lagrange = self.primitives == "none"
         if self.vae_ckpt:  # saved in opal_cql.pt: resuming from another folder still finds it
             self.vae_ckpt = str(Path(self.vae_ckpt).resolve())
 

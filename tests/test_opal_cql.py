@@ -309,6 +309,9 @@ def test_defaults_are_the_papers_and_corls():
     assert (cql.cql_alpha, cql.lagrange, cql.target_action_gap, cql.cql_n_actions, cql.max_target_backup) == \
         (5.0, True, 0.8, 10, True)
     assert (cql.reward_scale, cql.reward_bias, cql.policy_layers) == (10.0, -5.0, 3)
+    # ours: on the latent space the CQL weight stays fixed at --cql-alpha, unless asked for
+    assert (oc.Args(vae_ckpt="opal_vae.pt").lagrange, oc.Args(vae_ckpt="opal_vae.pt", lagrange=True).lagrange,
+            oc.Args(primitives="none", lagrange=False).lagrange) == (False, True, False)
     assert (cql.high_level_discount, cql.latent_bound, cql.latent_bound_std, cql.prior_kl_weight) == \
         ("decision", "minmax", 2.0, 10.0)  # ours, by five seeds on two mazes (docs/pointmaze_results.md)
 
