@@ -185,6 +185,8 @@ MUTANTS = [
     ("cql-lagrange-target-sign", "cql_loss = (alpha_prime.detach() * args.cql_alpha * (gap - args.target_action_gap)).sum()",
      "cql_loss = (alpha_prime.detach() * args.cql_alpha * (gap + args.target_action_gap)).sum()"),
     ("cql-no-lagrange-mean", "cql_loss = (args.cql_alpha * gap).sum()", "cql_loss = (args.cql_alpha * gap).mean()"),
+    ("cql-lagrange-default-inverted", 'self.lagrange = self.primitives == "none"', 'self.lagrange = self.primitives == "opal"'),
+    ("cql-lagrange-default-always", 'self.lagrange = self.primitives == "none"', "self.lagrange = True"),
     ("cql-actor-sign", "policy_loss = (alpha * log_prob - value).mean()", "policy_loss = (alpha * log_prob + value).mean()"),
     ("cql-actor-max-over-critics", "else self.critics(s, new_choice).min(0).values", "else self.critics(s, new_choice).max(0).values"),
     ("cql-imitation-one-step-short", "imitate = step <= args.policy_bc_steps", "imitate = step < args.policy_bc_steps"),
