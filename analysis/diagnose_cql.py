@@ -3,7 +3,8 @@ found on pointmaze-large"):
 
   1. the latent box: how close the chosen latents come to the box's edge along evaluation rollouts, and where the
      rollouts end;
-  2. the deterministic choice: success rate with tanh of the mean (as evaluated) versus z sampled from π(z|s);
+  2. the deterministic choice: success rate with tanh of the mean (as evaluated) versus z sampled from π(z|s), and
+     versus tanh of the mean clipped per dimension to the VAE prior's mean ± k standard deviations (--prior-clip);
   3. the critic near a point: at the data's window starts within --radius of --point, Q of the data's own latents
      (split into windows that move toward the goal and the others), Q of the task policy's latent at the same
      states, and the best Q over --candidates latents taken from the data;
@@ -12,8 +13,9 @@ found on pointmaze-large"):
   5. the critic against what happens: Q(s_0, z_π) at the first decision of evaluation episodes against the
      Monte-Carlo return of executing the policy (the run's reward transform and backup discount; truncated at the
      episode's end, so failures read less negative than their true value);
-  6. where the chosen latents lie: log ρ(z|s) under the VAE's prior and the Mahalanobis distance to the relabelled
-     latents, for the policy's choices along the rollouts and for the data's own latents at data states.
+  6. where the chosen latents lie: log ρ(z|s) under the VAE's prior, the largest per-dimension distance from the
+     prior's mean in its standard deviations, and the Mahalanobis distance to the relabelled latents, for the
+     policy's choices along the rollouts and for the data's own latents at data states.
 
 Run:  python analysis/diagnose_cql.py runs/<opal_cql run>/opal_cql.pt [more.pt ...] --point 2.6 -2.5
 Needs the run's VAE checkpoint (for the encoder) and the dataset.
@@ -44,6 +46,8 @@ class Args:
     """data latents tried at every probed state for the best-Q column"""
     episodes: int = 30
     """evaluation episodes for check 2 (seeds as the run's final evaluation)"""
+    prior_clip: tuple[float, ...] = (1.0, 2.0)
+    """check 2 also evaluates tanh of the mean clipped to ρ(z|s)'s mean ± k standard deviations, for each k"""
 
 
 class SampledChoice(torch.nn.Module):
@@ -55,6 +59,19 @@ class SampledChoice(torch.nn.Module):
 
     def forward(self, states, deterministic=False):
         return self.task_policy(states, deterministic=False)
+
+
+class PriorClippedChoice(torch.nn.Module):
+    """The task policy's deterministic choice, clipped per dimension to the prior's mean ± k standard deviations."""
+
+    def __init__(self, task_policy, prior, k: float):
+        super().__init__()
+        self.task_policy, self.prior, self.k = task_policy, prior, k
+
+    def forward(self, states, deterministic=False):
+        choice, log_prob = self.task_policy(states, deterministic=True)
+        mean, log_std = self.prior(states)
+        return torch.clamp(choice, mean - self.k * log_std.exp(), mean + self.k * log_std.exp()), log_prob
 
 
 if __name__ == "__main__":
@@ -77,6 +94,9 @@ if __name__ == "__main__":
         dataset, data = loaded[payload["dataset_id"]]
         layout, low, high = payload["obs_layout"], np.array(payload["act_low"]), np.array(payload["act_high"])
         print(f"== {path} (step {payload['step']})")
+        vae = torch.load(payload["vae_ckpt"], map_location="cpu", weights_only=True)
+        prior = oc.Prior(payload["obs_dim"], vae["latent_dim"], vae["hidden_dim"])
+        prior.load_state_dict(vae["prior"])
 
         # 1 and 2: rollouts, box fractions, deterministic versus sampled choice; the same 10 rollouts collect, for
         # check 5, Q at the first decision and the return Σ_j Γ_j R_j under the run's reward transform and backup
@@ -109,15 +129,16 @@ if __name__ == "__main__":
                 weight *= gamma ** (c if rule == "window" else 1)
         ends = np.round(obs["achieved_goal"], 2).tolist() if isinstance(obs, dict) else "n/a"
         print(f"  1. largest |choice − centre| / half-width along 10 rollouts: {largest_fraction:.2f}; end points {ends}")
-        for name, policy in (("tanh of the mean", task_policy), ("sampled z", SampledChoice(task_policy))):
+        variants = [("tanh of the mean", task_policy), ("sampled z", SampledChoice(task_policy))]
+        variants += [(f"clipped to ρ ± {k:g}σ", PriorClippedChoice(task_policy, prior, k)) for k in args.prior_clip]
+        for name, policy in variants:
             success, _, distance = oc.evaluate(envs, layout, policy, primitive_policy, c, args.episodes,
                                                saved["seed"] + 10_000, low, high)
-            print(f"  2. {name:<17} success {success:.2f}, closest distance to the goal {distance:.2f}")
+            print(f"  2. {name:<18} success {success:.2f}, closest distance to the goal {distance:.2f}")
         maze = envs.envs[0].unwrapped.maze
         envs.close()
 
         # 3: the critic at the data's window starts near --point
-        vae = torch.load(payload["vae_ckpt"], map_location="cpu", weights_only=True)
         encoder = oc.Encoder(payload["obs_dim"], payload["act_dim"], vae["latent_dim"], vae["hidden_dim"],
                              vae["gru_layers"])
         encoder.load_state_dict(vae["encoder"])
@@ -161,8 +182,6 @@ if __name__ == "__main__":
               f"{returns[reached].mean() if reached.any() else float('nan'):.1f}; others {returns[~reached].mean() if (~reached).any() else float('nan'):.1f}, truncated)")
 
         # 6: the chosen latents against the data's latents
-        prior = oc.Prior(payload["obs_dim"], vae["latent_dim"], vae["hidden_dim"])
-        prior.load_state_dict(vae["prior"])
         with torch.no_grad():
             data_latents = oc.encode_windows(encoder, data["observations"], data["actions"], starts, c)
             centre, covariance = data_latents.mean(0), torch.cov(data_latents.T)
@@ -173,6 +192,9 @@ if __name__ == "__main__":
             policy_states, policy_latents = torch.cat(chosen_states), torch.cat(chosen_latents)
             for name, states_, latents_ in (("policy's z along the rollouts", policy_states, policy_latents),
                                             ("data's z at data states", data_states, data_latents[sample])):
-                log_prior = oc.gaussian_log_prob(latents_, *prior(states_))
-                print(f"  6. {name:<30} log ρ(z|s) median {log_prior.median():7.2f}, Mahalanobis distance median "
-                      f"{mahalanobis(latents_).median():5.2f} (90th percentile {mahalanobis(latents_).quantile(0.9):5.2f})")
+                prior_mean, prior_log_std = prior(states_)
+                log_prior = oc.gaussian_log_prob(latents_, prior_mean, prior_log_std)
+                widest = ((latents_ - prior_mean) / prior_log_std.exp()).abs().max(-1).values  # in ρ's σ
+                print(f"  6. {name:<30} log ρ(z|s) median {log_prior.median():7.2f}, largest |z − μ_ρ| / σ_ρ median "
+                      f"{widest.median():4.2f} (90th percentile {widest.quantile(0.9):4.2f}), Mahalanobis distance "
+                      f"median {mahalanobis(latents_).median():5.2f} (90th percentile {mahalanobis(latents_).quantile(0.9):5.2f})")

@@ -1,0 +1,42 @@
+"""analysis/diagnose_cql.py's evaluation-time variants of the task policy: the clipped choice must be tanh of the
+mean, clipped per dimension to the prior's mean ± k standard deviations, and nothing else."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+import diagnose_cql  # noqa: E402
+
+
+class FixedPolicy(torch.nn.Module):
+    """Chooses `choice` when asked deterministically and `choice + 100` when sampling."""
+
+    def __init__(self, choice):
+        super().__init__()
+        self.choice = choice
+
+    def forward(self, states, deterministic=False):
+        return (self.choice if deterministic else self.choice + 100).expand(len(states), -1), None
+
+
+class FixedPrior(torch.nn.Module):
+    """ρ(z|s) = N(mean, std²) at every state, as (mean, log std)."""
+
+    def forward(self, states):
+        mean, std = torch.tensor([0.0, 1.0, -1.0]), torch.tensor([1.0, 0.5, 2.0])
+        return mean.expand(len(states), -1), std.log().expand(len(states), -1)
+
+
+def test_prior_clipped_choice_clips_the_mean_to_k_prior_stds():
+    policy = FixedPolicy(torch.tensor([[3.0, 1.2, -9.0]]))  # 3σ above, 0.4σ above, 4σ below
+    states = torch.zeros(4, 2)
+    for k, expected in ((2.0, [2.0, 1.2, -5.0]), (0.5, [0.5, 1.2, -2.0]), (10.0, [3.0, 1.2, -9.0])):
+        choice, _ = diagnose_cql.PriorClippedChoice(policy, FixedPrior(), k)(states, deterministic=False)
+        assert torch.allclose(choice, torch.tensor(expected).expand(4, -1)), (k, choice)
+
+
+def test_sampled_choice_samples_even_when_asked_for_the_mean():
+    choice, _ = diagnose_cql.SampledChoice(FixedPolicy(torch.zeros(1, 3)))(torch.zeros(2, 2), deterministic=True)
+    assert torch.equal(choice, torch.full((2, 3), 100.0))
