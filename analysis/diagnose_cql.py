@@ -71,7 +71,8 @@ class PriorClippedChoice(torch.nn.Module):
     def forward(self, states, deterministic=False):
         choice, log_prob = self.task_policy(states, deterministic=True)
         mean, log_std = self.prior(states)
-        return torch.clamp(choice, mean - self.k * log_std.exp(), mean + self.k * log_std.exp()), log_prob
+        half_width = self.k * log_std.exp()
+        return torch.clamp(choice, mean - half_width, mean + half_width), log_prob
 
 
 if __name__ == "__main__":
