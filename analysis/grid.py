@@ -398,6 +398,19 @@ def interval_estimates(per_run: list) -> dict:
             for i, name in enumerate(("iqm", "mean"))}
 
 
+LATE_EVALUATIONS = 4  # the table's steadiness column: a run's mean score over its last this many evaluations
+
+
+def late_score(record: dict) -> Optional[float]:
+    """A run's mean score over its last LATE_EVALUATIONS evaluations (the final one included): unlike the final
+    score alone, it does not hang on where in a swing between evaluations the run happened to stop. None if the
+    run evaluated fewer times."""
+    curve = record.get("curve") or []
+    if len(curve) < LATE_EVALUATIONS:
+        return None
+    return float(np.mean([score for _, score in curve[-LATE_EVALUATIONS:]]))
+
+
 def report(grid: dict, import_runs=()) -> str:
     """Write table.md, intervals.png, curves.png and records.jsonl into the grid's report folder; return the table."""
     matched = matching_records(grid, import_runs)
@@ -439,18 +452,21 @@ def report(grid: dict, import_runs=()) -> str:
         final = [r["summary"]["last_normalized_score"] for r in records]
         best = [r["summary"]["best_normalized_score"] for r in records]
         final_estimates, best_estimates = interval_estimates(final), interval_estimates(best)
+        late = [late_score(r) for r in records]
+        late_cell = cell(interval_estimates(late)["iqm"]) if None not in late else "–"
         scores[runs[0]["label"]] = (final_estimates, records)
         distance = np.mean([r["summary"].get("last_closest_goal_distance", math.nan) for r in records])
         sps = np.mean([r["summary"]["sps"] for r in records])
         policy_rows.append(f"| {dataset} | {runs[0]['label']}{note} | {len(records)} | "
                            f"{cell(final_estimates['iqm'])} | "
-                           f"{cell(final_estimates['mean'])} | {cell(best_estimates['iqm'])} | "
+                           f"{cell(final_estimates['mean'])} | {cell(best_estimates['iqm'])} | {late_cell} | "
                            f"{', '.join(f'{score:.0f}' for score in final)} | {distance:.2f} | {sps:.0f} |")
     lines = []
     if policy_rows:
         lines += ["| dataset | method | runs | final score, IQM [95% CI] | final, mean [95% CI] | best during "
-                  "training, IQM [95% CI] | final score per run (seed order) | closest distance to goal, final | "
-                  "steps/s |", "|---|---|---|---|---|---|---|---|---|", *policy_rows, ""]
+                  f"training, IQM [95% CI] | mean of the last {LATE_EVALUATIONS} evaluations, IQM [95% CI] | "
+                  "final score per run (seed order) | closest distance to goal, final | steps/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|", *policy_rows, ""]
     if vae_rows:
         lines += ["| dataset | VAE | seeds | reconstruction NLL, last 1,000 steps | KL, last 1,000 steps | BC NLL | "
                   "action MSE | rollout xy error, encoder z | rollout xy error, prior mean | β-VAE steps/s |",

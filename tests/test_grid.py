@@ -89,6 +89,15 @@ def test_a_tiny_grid_runs_on_ray_reports_and_skips_finished_runs(sandbox, datase
         [l for l in table.splitlines() if l.startswith("| opal/")]
 
 
+def test_late_score_is_the_mean_of_the_last_four_evaluations():
+    # evaluations 0, 10, 100, 20, 30, 40 (the last is the final one): the last four are 100, 20, 30, 40 -> 47.5
+    record = {"curve": [[2500, 0.0], [5000, 10.0], [7500, 100.0], [10000, 20.0], [12500, 30.0], [15000, 40.0]]}
+    assert gr.late_score(record) == pytest.approx(47.5)
+    # fewer evaluations than four: no figure (the table shows "–"), not a mean over fewer
+    assert gr.late_score({"curve": [[5000, 10.0], [10000, 20.0], [15000, 30.0]]}) is None
+    assert gr.late_score({"curve": []}) is None and gr.late_score({}) is None
+
+
 def test_iqm_and_mean_with_intervals_by_hand():
     # IQM of 5 runs: the mean of the middle three (0 and 100 trimmed) = 20; the mean of all five = 32
     estimates = gr.interval_estimates([0.0, 10.0, 20.0, 30.0, 100.0])
@@ -178,7 +187,8 @@ def test_the_report_by_hand_and_from_the_records_file_alone(tmp_path, capsys):
     cells = [cell.strip() for cell in row[0].strip("|").split("|")]
     # IQM of 5 runs: the mean of the middle three (0 and 100 trimmed) = 20; the mean of all five = 32
     assert cells[1:3] == ["CQL", "5"] and cells[3].startswith("20.0 [") and cells[4].startswith("32.0 [")
-    assert cells[5] == "50.0 [50.0, 50.0]" and cells[6] == "0, 100, 20, 30, 10" and cells[7] == "1.50"
+    assert cells[5] == "50.0 [50.0, 50.0]" and cells[7] == "0, 100, 20, 30, 10" and cells[8] == "1.50"
+    assert cells[6] == "–"  # these runs logged no evaluations: no mean of the last four
     # the records file keeps the table when the run folders are gone
     for run in grid["runs"]:
         shutil.rmtree(run["dir"])
