@@ -196,6 +196,7 @@ if __name__ == "__main__":
                 prior_mean, prior_log_std = prior(states_)
                 log_prior = oc.gaussian_log_prob(latents_, prior_mean, prior_log_std)
                 widest = ((latents_ - prior_mean) / prior_log_std.exp()).abs().max(-1).values  # in ρ's σ
+                distance = mahalanobis(latents_)
                 print(f"  6. {name:<30} log ρ(z|s) median {log_prior.median():7.2f}, largest |z − μ_ρ| / σ_ρ median "
                       f"{widest.median():4.2f} (90th percentile {widest.quantile(0.9):4.2f}), Mahalanobis distance "
-                      f"median {mahalanobis(latents_).median():5.2f} (90th percentile {mahalanobis(latents_).quantile(0.9):5.2f})")
+                      f"median {distance.median():5.2f} (90th percentile {distance.quantile(0.9):5.2f})")
