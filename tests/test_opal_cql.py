@@ -314,6 +314,15 @@ def test_defaults_are_the_papers_and_corls():
             oc.Args(primitives="none", lagrange=False).lagrange) == (False, True, False)
     assert (cql.high_level_discount, cql.latent_bound, cql.latent_bound_std, cql.prior_kl_weight) == \
         ("decision", "minmax", 2.0, 10.0)  # ours, by five seeds on two mazes (docs/pointmaze_results.md)
+    # the budget: CORL's antmaze configuration on D4RL data; ours on every other dataset, 30,000 steps by five seeds
+    # of both methods on two mazes (docs/opal_cql.md, detail 6); a flag the user gives is kept
+    budgets = {}
+    for env, flags in (("antmaze-large-diverse", {}), ("pointmaze-large", {}), ("pointmaze-large", {"total_steps": 7})):
+        args = oc.Args(primitives="none", env=env, **flags)
+        args.fill_budget(oc.resolve_dataset_id(args.env, args.dataset_id))
+        budgets[env, bool(flags)] = (args.total_steps, args.hidden_dim, args.critic_layers, args.eval_every)
+    assert budgets == {("antmaze-large-diverse", False): (1_000_000, 256, 5, 166_666),
+                       ("pointmaze-large", False): (30_000, 128, 3, 5_000), ("pointmaze-large", True): (7, 128, 3, 1)}
 
 
 def test_a_signal_during_a_steps_logging_still_checkpoints_before_the_stop():
