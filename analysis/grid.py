@@ -512,7 +512,7 @@ def plot(scores: dict, out: Path):
     axis.set_xlabel("environment steps" if online else "gradient steps")
     axis.set_ylabel("normalised score, IQM over runs (95% CI)")
     if axis.lines:
-        axis.legend(fontsize="small")
+        axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0, -0.15))  # below the axes: no curve hidden
     else:
         axis.text(0.5, 0.5, "no evaluation curves (records without TensorBoard events)", ha="center",
                   transform=axis.transAxes)
