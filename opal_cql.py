@@ -88,7 +88,7 @@ class Args:
     """torch device: auto (cuda if available), cpu, cuda, ..."""
     bf16: bool = True
     """run the forward passes under torch.autocast(bfloat16), Q values in fp32; honoured only where bf16 is faster
-    than fp32 (CUDA GPUs, CPUs with AMX), off with a message elsewhere"""
+    than fp32: on CUDA GPUs, and on a CPU where a probe at start-up measures it 1.25x faster or more (ours)"""
     compile: bool = False
     """torch.compile the task policy and the critics (compiles for about a minute first)"""
     runs_dir: str = "runs"
@@ -763,20 +763,47 @@ def setup_torch(seed: int, device_name: str) -> torch.device:
     return torch.device(device_name)
 
 
-def use_bf16(requested: bool, device: torch.device) -> bool:
-    """Whether to autocast to bf16: only if requested and bf16 is measured faster than fp32 on this hardware: CUDA
-    GPUs that support it, and x86 CPUs with AMX (bf16 matmuls ~7x fp32 there). On CPUs with AVX-512 BF16 but no AMX
-    a bf16 matmul ran at 0.6x fp32 and the CQL update at 0.7x, and without either it is emulated (a fifth of fp32 or
-    worse), so everywhere else the run stays in fp32 and says so."""
-    if not requested:
-        return False
+def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False, probe=None) -> bool:
+    """Whether to autocast to bf16: only if requested and measured faster than fp32 here. A CUDA GPU that supports
+    bf16: yes. A CPU: a probe at start-up decides, because the CPU's flags do not tell: on two CPUs with the same
+    AVX-512 BF16 flags and no AMX, bf16 ran the CQL update at 0.7x and at 2.2-3.3x fp32; with AMX at 1.8-2.8x;
+    without native bf16 it is emulated, far slower (docs/speed.md). `bf16_probe` times `work` (a forward pass of
+    the script's costliest piece on a batch of its own data, returning a loss) both ways; bf16 is used if it
+    takes at most 0.8 of fp32's time, so that a near tie stays in fp32. The choice is printed and kept in the
+    run's args (config.json, checkpoint); a resumed run keeps the choice it started with, so that it goes on bit
+    for bit. `probe`: a stand-in for `bf16_probe` (the tests give it fixed timings)."""
+    if not requested or resumed:
+        return requested
     if device.type == "cuda":
-        faster, hardware = torch.cuda.is_bf16_supported(), "this GPU has no bf16"
-    else:
-        faster, hardware = device.type == "cpu" and torch.cpu._is_amx_tile_supported(), f"this {device.type} has no AMX"
-    if not faster:
-        print(f"bf16 autocast off: {hardware}, where bf16 is slower than fp32")
+        if not torch.cuda.is_bf16_supported():
+            print("bf16 autocast off: this GPU has no bf16")
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        print(f"bf16 autocast off: not measured on {device.type}")
+        return False
+    fp32, bf16 = (probe or bf16_probe)(work, device)
+    faster = bf16 <= 0.8 * fp32
+    print(f"bf16 autocast {'on' if faster else 'off'}: a probe measured bf16 at {fp32 / bf16:.2f}x the speed of "
+          f"fp32 on this CPU ({fp32 * 1e3:.1f} against {bf16 * 1e3:.1f} ms a forward and backward pass; "
+          "on from 1.25x)")
     return faster
+
+
+def bf16_probe(work, device: torch.device, repeats: int = 5) -> tuple:
+    """(fp32, bf16) seconds of a forward pass `work()` and the backward pass of the loss it returns, the forward
+    under bf16 autocast the second time, as in the training loop; each the fastest of `repeats` after a warm-up,
+    the two precisions taking turns. Its random numbers are its own: the run's stay as its seed set them.
+    The gradients it leaves are cleared by the optimiser's zero_grad before the first update's backward."""
+    seconds = {False: [], True: []}
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(repeats + 1):
+            for bf16 in (False, True):
+                start = time.perf_counter()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = work()
+                loss.backward()
+                seconds[bf16].append(time.perf_counter() - start)
+    return min(seconds[False][1:]), min(seconds[True][1:])
 
 
 def open_run(args, config: dict, resumed_dir=None, env_name=None):
@@ -1004,7 +1031,6 @@ if __name__ == "__main__":
     if args.capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering without a display
     device = setup_torch(args.seed, args.device)
-    args.bf16 = use_bf16(args.bf16, device)
     dataset_id = resolve_dataset_id(args.env, args.dataset_id)
     args.fill_budget(dataset_id)
     vae = None  # checked before the (possibly long) dataset load
@@ -1044,6 +1070,11 @@ if __name__ == "__main__":
             prior = Prior(obs_dim, vae["latent_dim"], vae["hidden_dim"]).to(device)
             prior.load_state_dict(vae["prior"])
             prior.requires_grad_(False)
+    agent = CQL(obs_dim, choice_low, choice_high, args, data["observations"], prior)
+    # bf16 autocast if a probe measures it faster: the critics on as many rows as the update's CQL term gives them
+    rows = slice(0, args.batch_size * (1 + 3 * args.cql_n_actions))
+    args.bf16 = use_bf16(args.bf16, device, lambda: agent.critics(states[rows], choices[rows]).sum(),
+                         resumed=resumed is not None)
 
     config = {**asdict(args), "dataset_id": dataset_id, "c": c, "transitions": len(starts),
               "successful_windows": int(done.sum()), "choice_low": choice_low.tolist(),
@@ -1051,7 +1082,6 @@ if __name__ == "__main__":
     run_dir, writer = open_run(args, config, resumed_dir)
     print(f"{dataset_id}: {len(starts)} {'high-level' if c > 1 else 'low-level'} transitions (c = {c}), "
           f"{int(done.sum())} of them reach the goal; {args.total_steps} CQL steps; run dir {run_dir}")
-    agent = CQL(obs_dim, choice_low, choice_high, args, data["observations"], prior)
     sampler = torch.Generator(device=device).manual_seed(args.seed)
     checkpoint_path, summary, first_step = run_dir / "opal_cql.pt", {}, 1
     if resumed is not None:  # networks, optimisers, temperatures, step counter and random number generators

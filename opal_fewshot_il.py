@@ -101,8 +101,8 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda if available), cpu, cuda, ..."""
     bf16: bool = False
-    """run the forward passes under torch.autocast(bfloat16); honoured only where bf16 is faster than fp32 (CUDA
-    GPUs, CPUs with AMX), off with a message elsewhere"""
+    """run the forward passes under torch.autocast(bfloat16); honoured only where bf16 is faster than fp32: on CUDA
+    GPUs, and on a CPU where a probe at start-up measures it 1.25x faster or more (ours)"""
     runs_dir: str = "runs"
     """folder that receives the run directory"""
     save_every: int = 5_000
@@ -552,20 +552,47 @@ def setup_torch(seed: int, device_name: str) -> torch.device:
     return torch.device(device_name)
 
 
-def use_bf16(requested: bool, device: torch.device) -> bool:
-    """Whether to autocast to bf16: only if requested and bf16 is measured faster than fp32 on this hardware: CUDA
-    GPUs that support it, and x86 CPUs with AMX (bf16 matmuls ~7x fp32 there). On CPUs with AVX-512 BF16 but no AMX
-    a bf16 matmul ran at 0.6x fp32 and the CQL update at 0.7x, and without either it is emulated (a fifth of fp32 or
-    worse), so everywhere else the run stays in fp32 and says so."""
-    if not requested:
-        return False
+def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False, probe=None) -> bool:
+    """Whether to autocast to bf16: only if requested and measured faster than fp32 here. A CUDA GPU that supports
+    bf16: yes. A CPU: a probe at start-up decides, because the CPU's flags do not tell: on two CPUs with the same
+    AVX-512 BF16 flags and no AMX, bf16 ran the CQL update at 0.7x and at 2.2-3.3x fp32; with AMX at 1.8-2.8x;
+    without native bf16 it is emulated, far slower (docs/speed.md). `bf16_probe` times `work` (a forward pass of
+    the script's costliest piece on a batch of its own data, returning a loss) both ways; bf16 is used if it
+    takes at most 0.8 of fp32's time, so that a near tie stays in fp32. The choice is printed and kept in the
+    run's args (config.json, checkpoint); a resumed run keeps the choice it started with, so that it goes on bit
+    for bit. `probe`: a stand-in for `bf16_probe` (the tests give it fixed timings)."""
+    if not requested or resumed:
+        return requested
     if device.type == "cuda":
-        faster, hardware = torch.cuda.is_bf16_supported(), "this GPU has no bf16"
-    else:
-        faster, hardware = device.type == "cpu" and torch.cpu._is_amx_tile_supported(), f"this {device.type} has no AMX"
-    if not faster:
-        print(f"bf16 autocast off: {hardware}, where bf16 is slower than fp32")
+        if not torch.cuda.is_bf16_supported():
+            print("bf16 autocast off: this GPU has no bf16")
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        print(f"bf16 autocast off: not measured on {device.type}")
+        return False
+    fp32, bf16 = (probe or bf16_probe)(work, device)
+    faster = bf16 <= 0.8 * fp32
+    print(f"bf16 autocast {'on' if faster else 'off'}: a probe measured bf16 at {fp32 / bf16:.2f}x the speed of "
+          f"fp32 on this CPU ({fp32 * 1e3:.1f} against {bf16 * 1e3:.1f} ms a forward and backward pass; "
+          "on from 1.25x)")
     return faster
+
+
+def bf16_probe(work, device: torch.device, repeats: int = 5) -> tuple:
+    """(fp32, bf16) seconds of a forward pass `work()` and the backward pass of the loss it returns, the forward
+    under bf16 autocast the second time, as in the training loop; each the fastest of `repeats` after a warm-up,
+    the two precisions taking turns. Its random numbers are its own: the run's stay as its seed set them.
+    The gradients it leaves are cleared by the optimiser's zero_grad before the first update's backward."""
+    seconds = {False: [], True: []}
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(repeats + 1):
+            for bf16 in (False, True):
+                start = time.perf_counter()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = work()
+                loss.backward()
+                seconds[bf16].append(time.perf_counter() - start)
+    return min(seconds[False][1:]), min(seconds[True][1:])
 
 
 def open_run(args, config: dict, resumed_dir=None, env_name=None):
@@ -867,7 +894,6 @@ if __name__ == "__main__":
     if args.capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering without a display
     device = setup_torch(args.seed, args.device)
-    args.bf16 = use_bf16(args.bf16, device)
     dataset_id = resolve_dataset_id(args.env, args.dataset_id)
     args.hidden_dim = args.hidden_dim or (256 if dataset_id.startswith("D4RL/") else 128)
     args.eval_every = args.eval_every or max(1, args.total_steps // 5)
@@ -906,6 +932,13 @@ if __name__ == "__main__":
         choice_low = low - args.latent_margin * (high - low) - 1e-3
         choice_high = high + args.latent_margin * (high - low) + 1e-3
     first_states = demos["observations"][starts]
+    task_policy = TanhGaussianPolicy(obs_dim, len(choice_low), choice_low, choice_high, args.hidden_dim,
+                                     args.policy_layers).to(device)
+    task_policy.normalize.fit(demos["observations"])
+    # bf16 autocast if a probe measures it faster: the task policy's imitation loss on a batch
+    args.bf16 = use_bf16(args.bf16, device, lambda: task_policy_nll(task_policy, first_states[:args.batch_size],
+                                                                    choices[:args.batch_size]),
+                         resumed=resumed is not None)
 
     config = {**asdict(args), "dataset_id": dataset_id, "demo_dataset_id": demo_id, "demo_episodes": demo_episodes,
               "c": c, "windows": len(starts), "demo_steps": int(demos["episode_lengths"].sum())}
@@ -913,9 +946,6 @@ if __name__ == "__main__":
     print(f"{demo_id}: {args.num_demos} demonstrations (episodes {demo_episodes}), "
           f"{int(demos['episode_lengths'].sum())} steps, {len(starts)} {'windows' if c > 1 else 'steps'} to "
           f"imitate (c = {c}); run dir {run_dir}")
-    task_policy = TanhGaussianPolicy(obs_dim, len(choice_low), choice_low, choice_high, args.hidden_dim,
-                                     args.policy_layers).to(device)
-    task_policy.normalize.fit(demos["observations"])
     policy_optimizer = torch.optim.Adam(task_policy.parameters(), lr=args.policy_lr, fused=True)
     finetune_optimizer = None
     if primitive_policy is not None:

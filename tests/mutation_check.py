@@ -63,6 +63,11 @@ MUTANTS = [
     ("slicer-no-padding-row", "offsets = torch.cumsum(lengths + 1, 0) - (lengths + 1)",
      "offsets = torch.cumsum(lengths, 0) - lengths"),
     ("slicer-needs-longer-episode", "torch.where(lengths >= c,", "torch.where(lengths > c,"),
+    # --- shared: run (the bf16 choice) ---
+    ("run-bf16-on-at-a-near-tie", "faster = bf16 <= 0.8 * fp32", "faster = bf16 <= fp32"),
+    ("run-bf16-probed-again-on-resume", "if not requested or resumed:", "if not requested:"),
+    ("run-bf16-probe-draws-the-runs-random-numbers", "    with torch.random.fork_rng(devices=[]):\n        for _ in",
+     "    if True:\n        for _ in"),
     # --- opal_vae.py: the β-VAE loss (Eq. 1) and BC fine-tuning ---
     ("vae-kl-mean-over-dims", "(var_q + (mean_q - mean_p) ** 2) / (2 * var_p) - 0.5).sum(-1)",
      "(var_q + (mean_q - mean_p) ** 2) / (2 * var_p) - 0.5).mean(-1)"),
