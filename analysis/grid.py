@@ -40,7 +40,7 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # flags that say where and how a run is kept, not what it computes: a run still belongs to the grid if they differ
-# (bf16 too: the scripts turn it off on CPUs where it is slower, so the same command saves either value)
+# (bf16 too: a probe at start-up turns it off where it is not faster, so the same command saves either value)
 BOOKKEEPING = {"seed", "exp_name", "runs_dir", "track", "wandb_project_name", "wandb_entity", "device", "save_every",
                "log_every", "resume", "vae_ckpt", "allow_unfinished", "capture_video", "picture_latents", "compile",
                "bf16"}
