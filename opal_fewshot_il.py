@@ -564,9 +564,10 @@ def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False,
     if not requested or resumed:
         return requested
     if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
+        supported = torch.cuda.is_bf16_supported()
+        if not supported:
             print("bf16 autocast off: this GPU has no bf16")
-        return torch.cuda.is_bf16_supported()
+        return supported
     if device.type != "cpu":
         print(f"bf16 autocast off: not measured on {device.type}")
         return False
@@ -936,9 +937,8 @@ if __name__ == "__main__":
                                      args.policy_layers).to(device)
     task_policy.normalize.fit(demos["observations"])
     # bf16 autocast if a probe measures it faster: the task policy's imitation loss on a batch
-    args.bf16 = use_bf16(args.bf16, device, lambda: task_policy_nll(task_policy, first_states[:args.batch_size],
-                                                                    choices[:args.batch_size]),
-                         resumed=resumed is not None)
+    args.bf16 = use_bf16(args.bf16, device, resumed=resumed is not None, work=lambda: task_policy_nll(
+        task_policy, first_states[:args.batch_size], choices[:args.batch_size]))
 
     config = {**asdict(args), "dataset_id": dataset_id, "demo_dataset_id": demo_id, "demo_episodes": demo_episodes,
               "c": c, "windows": len(starts), "demo_steps": int(demos["episode_lengths"].sum())}

@@ -717,9 +717,10 @@ def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False,
     if not requested or resumed:
         return requested
     if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
+        supported = torch.cuda.is_bf16_supported()
+        if not supported:
             print("bf16 autocast off: this GPU has no bf16")
-        return torch.cuda.is_bf16_supported()
+        return supported
     if device.type != "cpu":
         print(f"bf16 autocast off: not measured on {device.type}")
         return False

@@ -507,9 +507,10 @@ def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False,
     if not requested or resumed:
         return requested
     if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
+        supported = torch.cuda.is_bf16_supported()
+        if not supported:
             print("bf16 autocast off: this GPU has no bf16")
-        return torch.cuda.is_bf16_supported()
+        return supported
     if device.type != "cpu":
         print(f"bf16 autocast off: not measured on {device.type}")
         return False
@@ -783,9 +784,8 @@ if __name__ == "__main__":
         module.to(device).normalize.fit(data["observations"])
     # bf16 autocast if a probe measures it faster: the β-VAE loss of Eq. (1) on a batch of windows
     probe_rows = window_rows(starts[:batch_size], args.c)
-    args.bf16 = use_bf16(args.bf16, device, lambda: beta_vae_loss(
-        encoder, prior, primitive_policy, data["observations"][probe_rows], data["actions"][probe_rows], args.beta)[0],
-                         resumed=resumed is not None)
+    args.bf16 = use_bf16(args.bf16, device, resumed=resumed is not None, work=lambda: beta_vae_loss(
+        encoder, prior, primitive_policy, data["observations"][probe_rows], data["actions"][probe_rows], args.beta)[0])
     config = {**asdict(args), "dataset_id": dataset_id, "batch_size": batch_size, "num_steps": num_steps,
               "bc_steps": bc_steps, "windows": len(starts), "obs_dim": obs_dim, "act_dim": act_dim}
     run_dir, writer = open_run(args, config, resumed_dir)
