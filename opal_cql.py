@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -91,6 +92,9 @@ class Args:
     than fp32: on CUDA GPUs, and on a CPU where a probe at start-up measures it 1.25x faster or more (ours)"""
     compile: bool = False
     """torch.compile the task policy and the critics (compiles for about a minute first)"""
+    cudagraph: bool = True
+    """on a CUDA device, record the whole update once as a CUDA graph and replay it at every step (ours: several
+    times faster on an H200, docs/speed.md); no effect on a CPU"""
     runs_dir: str = "runs"
     """folder that receives the run directory"""
     save_every: int = 10_000
@@ -447,11 +451,18 @@ class CQL:
             "critic_optimizer": torch.optim.Adam(self.critics.parameters(), lr=args.critic_lr, fused=True),
             "alpha_optimizer": torch.optim.Adam([self.log_alpha], lr=args.policy_lr),
             "alpha_prime_optimizer": torch.optim.Adam([self.log_alpha_prime], lr=args.critic_lr)}
+        # on a GPU the whole gradient step is recorded once as a CUDA graph and replayed (bookkeeping, below)
+        self.graphed_step = GraphedUpdate(
+            self.gradient_step, [self.task_policy, self.critics, self.target_critics],
+            [self.log_alpha, self.log_alpha_prime], self.optimizers.values(), args.cudagraph and device.type == "cuda")
 
     def update(self, s, choice, reward, s_next, done, discount, step: int) -> dict:
         """Gradient step number `step` on B transitions (s, c, R, s', done, γ_hl); returns the losses (0-d tensors)."""
+        imitate = step <= self.args.policy_bc_steps  # --policy-bc-steps: the first steps imitate the data's choices
+        return self.graphed_step(s, choice, reward, s_next, done, discount, imitate)
+
+    def gradient_step(self, s, choice, reward, s_next, done, discount, imitate: bool) -> dict:
         args, n, B = self.args, self.args.cql_n_actions, len(s)
-        imitate = step <= args.policy_bc_steps  # --policy-bc-steps: the first steps imitate the data's choices
         s_n, s_next_n = s.repeat_interleave(n, 0), s_next.repeat_interleave(n, 0)  # n copies of each: (B n, obs)
         with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             with torch.no_grad():  # y = R + γ_hl (1 - done) max_j min_i Q̄_i(s', c'_j),  c'_j ~ π(·|s')
@@ -520,6 +531,7 @@ class CQL:
             self.log_alpha_prime.copy_(saved["log_alpha_prime"])
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(saved[name])
+        self.graphed_step.reset()  # the optimisers' state tensors are new: record the graph again
 
 
 # ======================================================================================================================
@@ -763,46 +775,67 @@ def setup_torch(seed: int, device_name: str) -> torch.device:
     return torch.device(device_name)
 
 
-def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False, probe=None) -> bool:
-    """Whether to autocast to bf16: only if requested and measured faster than fp32 here. A CUDA GPU that supports
-    bf16: yes. A CPU: a probe at start-up decides, because the CPU's flags do not tell: on two CPUs with the same
-    AVX-512 BF16 flags and no AMX, bf16 ran the CQL update at 0.7x and at 2.2-3.3x fp32; with AMX at 1.8-2.8x;
-    without native bf16 it is emulated, far slower (docs/speed.md). `bf16_probe` times `work` (a forward pass of
-    the script's costliest piece on a batch of its own data, returning a loss) both ways; bf16 is used if it
-    takes at most 0.8 of fp32's time, so that a near tie stays in fp32. The choice is printed and kept in the
-    run's args (config.json, checkpoint); a resumed run keeps the choice it started with, so that it goes on bit
-    for bit. `probe`: a stand-in for `bf16_probe` (the tests give it fixed timings)."""
+def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False, probe=None,
+             graphed: bool = False) -> bool:
+    """Whether to autocast to bf16: only if requested and measured faster than fp32 here. A probe at start-up
+    decides, on a CPU and on a CUDA GPU alike, because neither the CPU's flags nor the GPU's name tell: on two CPUs
+    with the same AVX-512 BF16 flags and no AMX, bf16 ran the CQL update at 0.7x and at 2.2-3.3x fp32; with AMX at
+    1.8-2.8x; on an H200, where the eager update is bound by kernel launches, at 0.8x (docs/speed.md).
+    `bf16_probe` times `work` (a forward pass of the script's costliest piece on a batch of its own data,
+    returning a loss) both ways, as a CUDA graph if the run replays its updates as one (`graphed`); bf16 is used
+    if it takes at most 0.8 of fp32's time, so that a near tie stays in fp32. The choice is printed and kept in
+    the run's args (config.json, checkpoint); a resumed run keeps the choice it started with, so that it goes on
+    bit for bit. `probe`: a stand-in for `bf16_probe` (the tests give it fixed timings)."""
     if not requested or resumed:
         return requested
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-        if not supported:
-            print("bf16 autocast off: this GPU has no bf16")
-        return supported
-    if device.type != "cpu":
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("bf16 autocast off: this GPU has no bf16")
+        return False
+    if device.type not in ("cpu", "cuda"):
         print(f"bf16 autocast off: not measured on {device.type}")
         return False
-    fp32, bf16 = (probe or bf16_probe)(work, device)
+    fp32, bf16 = (probe or bf16_probe)(work, device, graphed=graphed)
     faster = bf16 <= 0.8 * fp32
     print(f"bf16 autocast {'on' if faster else 'off'}: a probe measured bf16 at {fp32 / bf16:.2f}x the speed of "
-          f"fp32 on this CPU ({fp32 * 1e3:.1f} against {bf16 * 1e3:.1f} ms a forward and backward pass; "
-          "on from 1.25x)")
+          f"fp32 on this {'GPU' if device.type == 'cuda' else 'CPU'} ({fp32 * 1e3:.2f} against {bf16 * 1e3:.2f} ms "
+          f"a forward and backward pass{', in a CUDA graph' if graphed else ''}; on from 1.25x)")
     return faster
 
 
-def bf16_probe(work, device: torch.device, repeats: int = 5) -> tuple:
+def bf16_probe(work, device: torch.device, repeats: int = 5, graphed: bool = False) -> tuple:
     """(fp32, bf16) seconds of a forward pass `work()` and the backward pass of the loss it returns, the forward
     under bf16 autocast the second time, as in the training loop; each the fastest of `repeats` after a warm-up,
-    the two precisions taking turns. Its random numbers are its own: the run's stay as its seed set them.
-    The gradients it leaves are cleared by the optimiser's zero_grad before the first update's backward."""
+    the two precisions taking turns. On a GPU each pass is timed to its end (synchronised), and `graphed` times
+    it recorded as a CUDA graph, as a run that replays its updates pays for it. Its random numbers are its own:
+    the run's stay as its seed set them. The gradients it leaves are cleared by the optimiser's zero_grad before
+    the first update's backward."""
+    def forward_backward(bf16: bool):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = work()
+        loss.backward()
+
+    cuda = device.type == "cuda"
+    finish = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)  # a GPU runs asynchronously
+    passes = {bf16: (lambda bf16=bf16: forward_backward(bf16)) for bf16 in (False, True)}
     seconds = {False: [], True: []}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        if graphed:  # each pass recorded after a warm-up on a side stream, then replayed
+            graphs = {bf16: torch.cuda.CUDAGraph() for bf16 in (False, True)}
+            for bf16, graph in graphs.items():
+                stream = torch.cuda.Stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    forward_backward(bf16)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                with torch.cuda.graph(graph):
+                    forward_backward(bf16)
+            passes = {bf16: graph.replay for bf16, graph in graphs.items()}
         for _ in range(repeats + 1):
             for bf16 in (False, True):
+                finish()
                 start = time.perf_counter()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = work()
-                loss.backward()
+                passes[bf16]()
+                finish()
                 seconds[bf16].append(time.perf_counter() - start)
     return min(seconds[False][1:]), min(seconds[True][1:])
 
@@ -900,6 +933,89 @@ class Loop:
         if stop:
             print(f"stopped by signal at {self.phase} step {step}; checkpoint written to {self.checkpoint_path}")
             sys.exit(130)
+# --- end shared ---
+
+
+# --- shared: cuda_graph ---
+class GraphedUpdate:
+    """`update(*inputs)` recorded once as a CUDA graph and replayed at every later call (ours; LeanRL does the same
+    for CleanRL's SAC): one launch instead of the hundreds of small kernels that bound the eager update on a GPU
+    (docs/speed.md). Disabled (on a CPU, or --no-cudagraph) it calls `update` eagerly: the same function.
+
+    `modules`, `tensors` and `optimizers` (Adam) hold everything the update changes in place. The first call for
+    each combination of the non-tensor inputs and the tensors' shapes warms the update up on a side stream (Adam
+    creates its state, cuBLAS its handles), puts every parameter, buffer, optimiser state and the random number
+    generators back as they were, and records it; so no step is taken twice, and the recorded update draws the
+    random numbers the eager one would. Later calls copy their tensors into the graph's inputs and replay it. The
+    returned tensors are the graph's own: read them before the next call. After loading a checkpoint into the
+    optimisers, call `reset()` (their state tensors are new ones, which no recorded graph updates)."""
+
+    def __init__(self, update, modules, tensors, optimizers, enabled: bool):
+        self.update, self.modules, self.tensors = update, list(modules), list(tensors)
+        self.optimizers, self.enabled, self.graphs = list(optimizers), enabled, {}
+
+    def __call__(self, *inputs):
+        if not self.enabled:
+            return self.update(*inputs)
+        key = tuple(tuple(x.shape) if torch.is_tensor(x) else x for x in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self.record(inputs)
+        graph, graph_inputs, outputs = self.graphs[key]
+        for graph_input, value in zip(graph_inputs, inputs):
+            if torch.is_tensor(value):
+                graph_input.copy_(value)
+        graph.replay()
+        return outputs
+
+    def reset(self):
+        self.graphs = {}
+
+    def changed_tensors(self) -> list:
+        return [*(t for module in self.modules for t in (*module.parameters(), *module.buffers())), *self.tensors]
+
+    def warm_up(self, inputs, steps: int = 3):
+        """Run the update `steps` times, then put back every tensor it changed and the generators it drew from."""
+        saved = [tensor.detach().clone() for tensor in self.changed_tensors()]
+        saved_states = {id(state): {name: value.clone() for name, value in state.items()}
+                        for optimizer in self.optimizers for state in optimizer.state.values()}
+        devices = [inputs[0].device] if inputs[0].device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*capturable=True")  # Adam: "step() is running without graph"
+            for _ in range(steps):
+                self.update(*inputs)
+        with torch.no_grad():
+            for tensor, value in zip(self.changed_tensors(), saved):
+                tensor.copy_(value)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+                for state in optimizer.state.values():
+                    before = saved_states.get(id(state))
+                    for name, value in state.items():
+                        if before is None:  # a state born in the warm-up goes back to Adam's start: zeros
+                            value.zero_()
+                        else:
+                            value.copy_(before[name])
+
+    def record(self, inputs):
+        graph_inputs = [x.clone() if torch.is_tensor(x) else x for x in inputs]
+        groups = [group for optimizer in self.optimizers for group in optimizer.param_groups]
+        capturable = [group["capturable"] for group in groups]
+        for group in groups:  # Adam's recordable form: its step counts live on the GPU
+            group["capturable"] = True
+        for optimizer in self.optimizers:
+            for parameter, state in optimizer.state.items():
+                state["step"] = state["step"].to(parameter.device, torch.float32)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.warm_up(graph_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.update(*graph_inputs)
+        for group, flag in zip(groups, capturable):  # as before, so that checkpoints stay those of an eager run
+            group["capturable"] = flag
+        return graph, graph_inputs, outputs
 # --- end shared ---
 
 
@@ -1075,7 +1191,7 @@ if __name__ == "__main__":
     # bf16 autocast if a probe measures it faster: the critics on as many rows as the update's CQL term gives them
     rows = slice(0, args.batch_size * (1 + 3 * args.cql_n_actions))
     args.bf16 = use_bf16(args.bf16, device, lambda: agent.critics(states[rows], choices[rows]).sum(),
-                         resumed=resumed is not None)
+                         resumed=resumed is not None, graphed=agent.graphed_step.enabled)
 
     config = {**asdict(args), "dataset_id": dataset_id, "c": c, "transitions": len(starts),
               "successful_windows": int(done.sum()), "choice_low": choice_low.tolist(),

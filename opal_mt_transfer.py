@@ -705,46 +705,67 @@ def setup_torch(seed: int, device_name: str) -> torch.device:
     return torch.device(device_name)
 
 
-def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False, probe=None) -> bool:
-    """Whether to autocast to bf16: only if requested and measured faster than fp32 here. A CUDA GPU that supports
-    bf16: yes. A CPU: a probe at start-up decides, because the CPU's flags do not tell: on two CPUs with the same
-    AVX-512 BF16 flags and no AMX, bf16 ran the CQL update at 0.7x and at 2.2-3.3x fp32; with AMX at 1.8-2.8x;
-    without native bf16 it is emulated, far slower (docs/speed.md). `bf16_probe` times `work` (a forward pass of
-    the script's costliest piece on a batch of its own data, returning a loss) both ways; bf16 is used if it
-    takes at most 0.8 of fp32's time, so that a near tie stays in fp32. The choice is printed and kept in the
-    run's args (config.json, checkpoint); a resumed run keeps the choice it started with, so that it goes on bit
-    for bit. `probe`: a stand-in for `bf16_probe` (the tests give it fixed timings)."""
+def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False, probe=None,
+             graphed: bool = False) -> bool:
+    """Whether to autocast to bf16: only if requested and measured faster than fp32 here. A probe at start-up
+    decides, on a CPU and on a CUDA GPU alike, because neither the CPU's flags nor the GPU's name tell: on two CPUs
+    with the same AVX-512 BF16 flags and no AMX, bf16 ran the CQL update at 0.7x and at 2.2-3.3x fp32; with AMX at
+    1.8-2.8x; on an H200, where the eager update is bound by kernel launches, at 0.8x (docs/speed.md).
+    `bf16_probe` times `work` (a forward pass of the script's costliest piece on a batch of its own data,
+    returning a loss) both ways, as a CUDA graph if the run replays its updates as one (`graphed`); bf16 is used
+    if it takes at most 0.8 of fp32's time, so that a near tie stays in fp32. The choice is printed and kept in
+    the run's args (config.json, checkpoint); a resumed run keeps the choice it started with, so that it goes on
+    bit for bit. `probe`: a stand-in for `bf16_probe` (the tests give it fixed timings)."""
     if not requested or resumed:
         return requested
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-        if not supported:
-            print("bf16 autocast off: this GPU has no bf16")
-        return supported
-    if device.type != "cpu":
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("bf16 autocast off: this GPU has no bf16")
+        return False
+    if device.type not in ("cpu", "cuda"):
         print(f"bf16 autocast off: not measured on {device.type}")
         return False
-    fp32, bf16 = (probe or bf16_probe)(work, device)
+    fp32, bf16 = (probe or bf16_probe)(work, device, graphed=graphed)
     faster = bf16 <= 0.8 * fp32
     print(f"bf16 autocast {'on' if faster else 'off'}: a probe measured bf16 at {fp32 / bf16:.2f}x the speed of "
-          f"fp32 on this CPU ({fp32 * 1e3:.1f} against {bf16 * 1e3:.1f} ms a forward and backward pass; "
-          "on from 1.25x)")
+          f"fp32 on this {'GPU' if device.type == 'cuda' else 'CPU'} ({fp32 * 1e3:.2f} against {bf16 * 1e3:.2f} ms "
+          f"a forward and backward pass{', in a CUDA graph' if graphed else ''}; on from 1.25x)")
     return faster
 
 
-def bf16_probe(work, device: torch.device, repeats: int = 5) -> tuple:
+def bf16_probe(work, device: torch.device, repeats: int = 5, graphed: bool = False) -> tuple:
     """(fp32, bf16) seconds of a forward pass `work()` and the backward pass of the loss it returns, the forward
     under bf16 autocast the second time, as in the training loop; each the fastest of `repeats` after a warm-up,
-    the two precisions taking turns. Its random numbers are its own: the run's stay as its seed set them.
-    The gradients it leaves are cleared by the optimiser's zero_grad before the first update's backward."""
+    the two precisions taking turns. On a GPU each pass is timed to its end (synchronised), and `graphed` times
+    it recorded as a CUDA graph, as a run that replays its updates pays for it. Its random numbers are its own:
+    the run's stay as its seed set them. The gradients it leaves are cleared by the optimiser's zero_grad before
+    the first update's backward."""
+    def forward_backward(bf16: bool):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = work()
+        loss.backward()
+
+    cuda = device.type == "cuda"
+    finish = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)  # a GPU runs asynchronously
+    passes = {bf16: (lambda bf16=bf16: forward_backward(bf16)) for bf16 in (False, True)}
     seconds = {False: [], True: []}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        if graphed:  # each pass recorded after a warm-up on a side stream, then replayed
+            graphs = {bf16: torch.cuda.CUDAGraph() for bf16 in (False, True)}
+            for bf16, graph in graphs.items():
+                stream = torch.cuda.Stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    forward_backward(bf16)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                with torch.cuda.graph(graph):
+                    forward_backward(bf16)
+            passes = {bf16: graph.replay for bf16, graph in graphs.items()}
         for _ in range(repeats + 1):
             for bf16 in (False, True):
+                finish()
                 start = time.perf_counter()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = work()
-                loss.backward()
+                passes[bf16]()
+                finish()
                 seconds[bf16].append(time.perf_counter() - start)
     return min(seconds[False][1:]), min(seconds[True][1:])
 

@@ -26,9 +26,10 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import farama_notifications
 import gymnasium as gym
@@ -73,10 +74,17 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
     bf16: bool = False
-    """run the forward pass under torch.autocast(bfloat16); honoured only where bf16 is faster than fp32: on CUDA
-    GPUs, and on a CPU where a probe at start-up measures it 1.25x faster or more (ours)"""
+    """run the forward pass under torch.autocast(bfloat16); honoured only where a probe at start-up measures bf16
+    1.25x faster than fp32 or more, on a CPU or a GPU (ours)"""
     compile: bool = False
     """torch.compile the β-VAE loss (compiles for about half a minute first)"""
+    gru: Literal["auto", "cudnn", "written-out"] = "auto"
+    """the encoder's GRU: cudnn, torch's nn.GRU (cuDNN's kernel on a GPU); written-out, BidirectionalGRU below (its
+    gate arithmetic fuses under --compile); auto: nn.GRU on CUDA, written-out elsewhere (ours, measured:
+    docs/speed.md). Same parameters: a checkpoint of either loads into the other"""
+    cudagraph: bool = True
+    """on a CUDA device, record each β-VAE and BC step once as a CUDA graph and replay it (ours, measured:
+    docs/speed.md); no effect on a CPU"""
     runs_dir: str = "runs"
     """folder that receives the run directory"""
     save_every: int = 5000
@@ -495,46 +503,67 @@ def setup_torch(seed: int, device_name: str) -> torch.device:
     return torch.device(device_name)
 
 
-def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False, probe=None) -> bool:
-    """Whether to autocast to bf16: only if requested and measured faster than fp32 here. A CUDA GPU that supports
-    bf16: yes. A CPU: a probe at start-up decides, because the CPU's flags do not tell: on two CPUs with the same
-    AVX-512 BF16 flags and no AMX, bf16 ran the CQL update at 0.7x and at 2.2-3.3x fp32; with AMX at 1.8-2.8x;
-    without native bf16 it is emulated, far slower (docs/speed.md). `bf16_probe` times `work` (a forward pass of
-    the script's costliest piece on a batch of its own data, returning a loss) both ways; bf16 is used if it
-    takes at most 0.8 of fp32's time, so that a near tie stays in fp32. The choice is printed and kept in the
-    run's args (config.json, checkpoint); a resumed run keeps the choice it started with, so that it goes on bit
-    for bit. `probe`: a stand-in for `bf16_probe` (the tests give it fixed timings)."""
+def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False, probe=None,
+             graphed: bool = False) -> bool:
+    """Whether to autocast to bf16: only if requested and measured faster than fp32 here. A probe at start-up
+    decides, on a CPU and on a CUDA GPU alike, because neither the CPU's flags nor the GPU's name tell: on two CPUs
+    with the same AVX-512 BF16 flags and no AMX, bf16 ran the CQL update at 0.7x and at 2.2-3.3x fp32; with AMX at
+    1.8-2.8x; on an H200, where the eager update is bound by kernel launches, at 0.8x (docs/speed.md).
+    `bf16_probe` times `work` (a forward pass of the script's costliest piece on a batch of its own data,
+    returning a loss) both ways, as a CUDA graph if the run replays its updates as one (`graphed`); bf16 is used
+    if it takes at most 0.8 of fp32's time, so that a near tie stays in fp32. The choice is printed and kept in
+    the run's args (config.json, checkpoint); a resumed run keeps the choice it started with, so that it goes on
+    bit for bit. `probe`: a stand-in for `bf16_probe` (the tests give it fixed timings)."""
     if not requested or resumed:
         return requested
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-        if not supported:
-            print("bf16 autocast off: this GPU has no bf16")
-        return supported
-    if device.type != "cpu":
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("bf16 autocast off: this GPU has no bf16")
+        return False
+    if device.type not in ("cpu", "cuda"):
         print(f"bf16 autocast off: not measured on {device.type}")
         return False
-    fp32, bf16 = (probe or bf16_probe)(work, device)
+    fp32, bf16 = (probe or bf16_probe)(work, device, graphed=graphed)
     faster = bf16 <= 0.8 * fp32
     print(f"bf16 autocast {'on' if faster else 'off'}: a probe measured bf16 at {fp32 / bf16:.2f}x the speed of "
-          f"fp32 on this CPU ({fp32 * 1e3:.1f} against {bf16 * 1e3:.1f} ms a forward and backward pass; "
-          "on from 1.25x)")
+          f"fp32 on this {'GPU' if device.type == 'cuda' else 'CPU'} ({fp32 * 1e3:.2f} against {bf16 * 1e3:.2f} ms "
+          f"a forward and backward pass{', in a CUDA graph' if graphed else ''}; on from 1.25x)")
     return faster
 
 
-def bf16_probe(work, device: torch.device, repeats: int = 5) -> tuple:
+def bf16_probe(work, device: torch.device, repeats: int = 5, graphed: bool = False) -> tuple:
     """(fp32, bf16) seconds of a forward pass `work()` and the backward pass of the loss it returns, the forward
     under bf16 autocast the second time, as in the training loop; each the fastest of `repeats` after a warm-up,
-    the two precisions taking turns. Its random numbers are its own: the run's stay as its seed set them.
-    The gradients it leaves are cleared by the optimiser's zero_grad before the first update's backward."""
+    the two precisions taking turns. On a GPU each pass is timed to its end (synchronised), and `graphed` times
+    it recorded as a CUDA graph, as a run that replays its updates pays for it. Its random numbers are its own:
+    the run's stay as its seed set them. The gradients it leaves are cleared by the optimiser's zero_grad before
+    the first update's backward."""
+    def forward_backward(bf16: bool):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = work()
+        loss.backward()
+
+    cuda = device.type == "cuda"
+    finish = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)  # a GPU runs asynchronously
+    passes = {bf16: (lambda bf16=bf16: forward_backward(bf16)) for bf16 in (False, True)}
     seconds = {False: [], True: []}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        if graphed:  # each pass recorded after a warm-up on a side stream, then replayed
+            graphs = {bf16: torch.cuda.CUDAGraph() for bf16 in (False, True)}
+            for bf16, graph in graphs.items():
+                stream = torch.cuda.Stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    forward_backward(bf16)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                with torch.cuda.graph(graph):
+                    forward_backward(bf16)
+            passes = {bf16: graph.replay for bf16, graph in graphs.items()}
         for _ in range(repeats + 1):
             for bf16 in (False, True):
+                finish()
                 start = time.perf_counter()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = work()
-                loss.backward()
+                passes[bf16]()
+                finish()
                 seconds[bf16].append(time.perf_counter() - start)
     return min(seconds[False][1:]), min(seconds[True][1:])
 
@@ -632,6 +661,89 @@ class Loop:
         if stop:
             print(f"stopped by signal at {self.phase} step {step}; checkpoint written to {self.checkpoint_path}")
             sys.exit(130)
+# --- end shared ---
+
+
+# --- shared: cuda_graph ---
+class GraphedUpdate:
+    """`update(*inputs)` recorded once as a CUDA graph and replayed at every later call (ours; LeanRL does the same
+    for CleanRL's SAC): one launch instead of the hundreds of small kernels that bound the eager update on a GPU
+    (docs/speed.md). Disabled (on a CPU, or --no-cudagraph) it calls `update` eagerly: the same function.
+
+    `modules`, `tensors` and `optimizers` (Adam) hold everything the update changes in place. The first call for
+    each combination of the non-tensor inputs and the tensors' shapes warms the update up on a side stream (Adam
+    creates its state, cuBLAS its handles), puts every parameter, buffer, optimiser state and the random number
+    generators back as they were, and records it; so no step is taken twice, and the recorded update draws the
+    random numbers the eager one would. Later calls copy their tensors into the graph's inputs and replay it. The
+    returned tensors are the graph's own: read them before the next call. After loading a checkpoint into the
+    optimisers, call `reset()` (their state tensors are new ones, which no recorded graph updates)."""
+
+    def __init__(self, update, modules, tensors, optimizers, enabled: bool):
+        self.update, self.modules, self.tensors = update, list(modules), list(tensors)
+        self.optimizers, self.enabled, self.graphs = list(optimizers), enabled, {}
+
+    def __call__(self, *inputs):
+        if not self.enabled:
+            return self.update(*inputs)
+        key = tuple(tuple(x.shape) if torch.is_tensor(x) else x for x in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self.record(inputs)
+        graph, graph_inputs, outputs = self.graphs[key]
+        for graph_input, value in zip(graph_inputs, inputs):
+            if torch.is_tensor(value):
+                graph_input.copy_(value)
+        graph.replay()
+        return outputs
+
+    def reset(self):
+        self.graphs = {}
+
+    def changed_tensors(self) -> list:
+        return [*(t for module in self.modules for t in (*module.parameters(), *module.buffers())), *self.tensors]
+
+    def warm_up(self, inputs, steps: int = 3):
+        """Run the update `steps` times, then put back every tensor it changed and the generators it drew from."""
+        saved = [tensor.detach().clone() for tensor in self.changed_tensors()]
+        saved_states = {id(state): {name: value.clone() for name, value in state.items()}
+                        for optimizer in self.optimizers for state in optimizer.state.values()}
+        devices = [inputs[0].device] if inputs[0].device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*capturable=True")  # Adam: "step() is running without graph"
+            for _ in range(steps):
+                self.update(*inputs)
+        with torch.no_grad():
+            for tensor, value in zip(self.changed_tensors(), saved):
+                tensor.copy_(value)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+                for state in optimizer.state.values():
+                    before = saved_states.get(id(state))
+                    for name, value in state.items():
+                        if before is None:  # a state born in the warm-up goes back to Adam's start: zeros
+                            value.zero_()
+                        else:
+                            value.copy_(before[name])
+
+    def record(self, inputs):
+        graph_inputs = [x.clone() if torch.is_tensor(x) else x for x in inputs]
+        groups = [group for optimizer in self.optimizers for group in optimizer.param_groups]
+        capturable = [group["capturable"] for group in groups]
+        for group in groups:  # Adam's recordable form: its step counts live on the GPU
+            group["capturable"] = True
+        for optimizer in self.optimizers:
+            for parameter, state in optimizer.state.items():
+                state["step"] = state["step"].to(parameter.device, torch.float32)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.warm_up(graph_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.update(*graph_inputs)
+        for group, flag in zip(groups, capturable):  # as before, so that checkpoints stay those of an eager run
+            group["capturable"] = flag
+        return graph, graph_inputs, outputs
 # --- end shared ---
 
 
@@ -777,14 +889,17 @@ if __name__ == "__main__":
     batch_size = args.batch_size or (50 if paper_scale else 256)
     num_steps = args.num_steps or (100 * len(starts) // batch_size if paper_scale else 4000)
     bc_steps = args.bc_steps if args.bc_steps is not None else num_steps // 10
-    encoder = Encoder(obs_dim, act_dim, args.latent_dim, args.hidden_dim, args.gru_layers, gru=BidirectionalGRU)
+    cudnn_gru = args.gru == "cudnn" or (args.gru == "auto" and device.type == "cuda")
+    encoder = Encoder(obs_dim, act_dim, args.latent_dim, args.hidden_dim, args.gru_layers,
+                      gru=nn.GRU if cudnn_gru else BidirectionalGRU)
     prior = Prior(obs_dim, args.latent_dim, args.hidden_dim)
     primitive_policy = PrimitivePolicy(obs_dim, act_dim, args.latent_dim, args.hidden_dim)
     for module in (encoder, prior, primitive_policy):
         module.to(device).normalize.fit(data["observations"])
     # bf16 autocast if a probe measures it faster: the β-VAE loss of Eq. (1) on a batch of windows
     probe_rows = window_rows(starts[:batch_size], args.c)
-    args.bf16 = use_bf16(args.bf16, device, resumed=resumed is not None, work=lambda: beta_vae_loss(
+    graphed = args.cudagraph and device.type == "cuda"
+    args.bf16 = use_bf16(args.bf16, device, resumed=resumed is not None, graphed=graphed, work=lambda: beta_vae_loss(
         encoder, prior, primitive_policy, data["observations"][probe_rows], data["actions"][probe_rows], args.beta)[0])
     config = {**asdict(args), "dataset_id": dataset_id, "batch_size": batch_size, "num_steps": num_steps,
               "bc_steps": bc_steps, "windows": len(starts), "obs_dim": obs_dim, "act_dim": act_dim}
@@ -824,33 +939,42 @@ if __name__ == "__main__":
 
     # Phase 1, Eq. (1): the β-VAE, encoder, prior and primitive policy trained jointly
     vae_loss = torch.compile(beta_vae_loss) if args.compile else beta_vae_loss
+
+    def vae_step(states, actions):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss, reconstruction_nll, kl = vae_loss(encoder, prior, primitive_policy, states, actions, args.beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"vae_loss": loss, "reconstruction_nll": reconstruction_nll, "kl": kl}
+
+    vae_step = GraphedUpdate(vae_step, [encoder, prior, primitive_policy], [], [optimizer], graphed)  # on a GPU
     loop = Loop("β-VAE", first_step if phase == "vae" else num_steps + 1, num_steps, args, writer, summary,
                 lambda step: checkpoint("vae", step), checkpoint_path, stop_requested,
                 show=("reconstruction_nll", "kl"), prefix="vae_", optimizer=optimizer)
     for step in loop:
         rows = window_rows(starts[torch.randint(len(starts), (batch_size,), device=device, generator=sampler)], args.c)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, reconstruction_nll, kl = vae_loss(encoder, prior, primitive_policy, data["observations"][rows],
-                                                    data["actions"][rows], args.beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loop.end_of_step(step, {"vae_loss": loss, "reconstruction_nll": reconstruction_nll, "kl": kl})
+        loop.end_of_step(step, vae_step(data["observations"][rows], data["actions"][rows]))
 
     # Phase 2 (§4.1): relabel the windows of stride c with z = μ_φ(τ) and fine-tune π_θ(a|s,z) by behaviour cloning
     relabel_starts = window_starts(data["episode_lengths"], args.c, stride=args.c).to(device)
     latents = encode_windows(encoder, data["observations"], data["actions"], relabel_starts, args.c)
+
+    def bc_step(states, actions, latents):
+        bc_nll = primitive_bc_loss(primitive_policy, states, actions, latents)
+        bc_optimizer.zero_grad(set_to_none=True)
+        bc_nll.backward()
+        bc_optimizer.step()
+        return {"bc_nll": bc_nll}
+
+    bc_step = GraphedUpdate(bc_step, [primitive_policy], [], [bc_optimizer], graphed)  # one CUDA graph on a GPU
     loop = Loop("BC", first_step if phase == "bc" else 1, bc_steps, args, writer, summary,
                 lambda step: checkpoint("bc", step), checkpoint_path, stop_requested, show=("bc_nll",),
                 desc="BC fine-tuning", prefix="bc_", log_offset=num_steps)
     for step in loop:
         chosen = torch.randint(len(relabel_starts), (batch_size,), device=device, generator=sampler)
         rows = window_rows(relabel_starts[chosen], args.c)
-        bc_nll = primitive_bc_loss(primitive_policy, data["observations"][rows], data["actions"][rows], latents[chosen])
-        bc_optimizer.zero_grad(set_to_none=True)
-        bc_nll.backward()
-        bc_optimizer.step()
-        loop.end_of_step(step, {"bc_nll": bc_nll})
+        loop.end_of_step(step, bc_step(data["observations"][rows], data["actions"][rows], latents[chosen]))
 
     # Evaluation: action error on fixed training windows, closed-loop rollouts in the simulator, the picture
     with torch.no_grad():

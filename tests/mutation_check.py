@@ -66,8 +66,9 @@ MUTANTS = [
     # --- shared: run (the bf16 choice) ---
     ("run-bf16-on-at-a-near-tie", "faster = bf16 <= 0.8 * fp32", "faster = bf16 <= fp32"),
     ("run-bf16-probed-again-on-resume", "if not requested or resumed:", "if not requested:"),
-    ("run-bf16-probe-draws-the-runs-random-numbers", "    with torch.random.fork_rng(devices=[]):\n        for _ in",
-     "    if True:\n        for _ in"),
+    ("run-bf16-probe-draws-the-runs-random-numbers",
+     "    with torch.random.fork_rng(devices=[device] if cuda else []):\n        if graphed:",
+     "    if True:\n        if graphed:"),
     # --- opal_vae.py: the β-VAE loss (Eq. 1) and BC fine-tuning ---
     ("vae-kl-mean-over-dims", "(var_q + (mean_q - mean_p) ** 2) / (2 * var_p) - 0.5).sum(-1)",
      "(var_q + (mean_q - mean_p) ** 2) / (2 * var_p) - 0.5).mean(-1)"),
@@ -194,8 +195,8 @@ MUTANTS = [
     ("cql-lagrange-default-always", 'self.lagrange = self.primitives == "none"', "self.lagrange = True"),
     ("cql-actor-sign", "policy_loss = (alpha * log_prob - value).mean()", "policy_loss = (alpha * log_prob + value).mean()"),
     ("cql-actor-max-over-critics", "else self.critics(s, new_choice).min(0).values", "else self.critics(s, new_choice).max(0).values"),
-    ("cql-imitation-one-step-short", "imitate = step <= args.policy_bc_steps", "imitate = step < args.policy_bc_steps"),
-    ("cql-imitation-one-step-long", "imitate = step <= args.policy_bc_steps", "imitate = step <= args.policy_bc_steps + 1"),
+    ("cql-imitation-one-step-short", "imitate = step <= self.args.policy_bc_steps", "imitate = step < self.args.policy_bc_steps"),
+    ("cql-imitation-one-step-long", "imitate = step <= self.args.policy_bc_steps", "imitate = step <= self.args.policy_bc_steps + 1"),
     ("cql-imitation-inverted", "value = self.task_policy.log_prob(s, choice) if imitate else",
      "value = self.task_policy.log_prob(s, choice) if not imitate else"),
     ("cql-alpha-not-exponentiated", "alpha = self.log_alpha.exp().detach()", "alpha = self.log_alpha.detach()"),

@@ -238,7 +238,7 @@ def test_bf16_only_where_a_probe_measures_it_faster(capsys):
     cpu, calls = torch.device("cpu"), []
 
     def probe(fp32, bf16):
-        return lambda work, device: calls.append(work) or (fp32, bf16)
+        return lambda work, device, graphed: calls.append(work) or (fp32, bf16)
 
     for fp32, bf16, expected in [(1.0, 0.5, True), (1.0, 0.8, True), (1.0, 0.81, False), (1.0, 1.6, False)]:
         assert ov.use_bf16(True, cpu, "work", probe=probe(fp32, bf16)) == expected
