@@ -9,9 +9,11 @@ Prints
      at the script's default width, in updates (minibatches) per second.
 
 Run:  python benchmarks/bench_mt_transfer.py            # ~2 min; MT50 adds ~1 min
+      python benchmarks/bench_mt_transfer.py --device cuda   # the PPO update on a GPU (rollouts stay on the CPU)
 Timing only: nothing here is asserted, and the tests never time anything. Run it on an idle machine.
 """
 
+import copy
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ class Args:
     """steps per episode of the measured rollouts (Meta-World: 500; shorter keeps the benchmark short)"""
     mt50: bool = False
     """also time making MT50 (about 40 s or more)"""
+    device: str = "cpu"
+    """torch device of the PPO update: cpu, cuda, ... (the rollouts act on the CPU, as the script's do)"""
 
 
 def main(args: Args):
@@ -62,12 +66,17 @@ def main(args: Args):
                 if strategy != "sync":
                     continue
                 steps = len(rollout["states"]) * envs.num_envs * (mt.EPISODE_LENGTH // args.episode_length)
-                batch = {name: torch.randn(steps, *value.shape[2:]) for name, value in rollout.items()}
-                batch.update(advantages=torch.randn(steps), returns=torch.randn(steps))
-                optimizer = torch.optim.Adam(agent.parameters(), lr=3e-4, eps=1e-5, fused=True)
+                batch = {name: torch.randn(steps, *value.shape[2:], device=args.device)
+                         for name, value in rollout.items()}
+                batch.update(advantages=torch.randn(steps, device=args.device),
+                             returns=torch.randn(steps, device=args.device))
+                learner = copy.deepcopy(agent).to(args.device)
+                optimizer = torch.optim.Adam(learner.parameters(), lr=3e-4, eps=1e-5, fused=True)
                 settings = mt.Args(primitives="none")
                 start = time.perf_counter()
-                mt.ppo_update(agent, optimizer, batch, settings)
+                mt.ppo_update(learner, optimizer, batch, settings)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize(args.device)
                 seconds = time.perf_counter() - start
                 updates = settings.update_epochs * -(-steps // max(2, steps // settings.num_minibatches))
                 print(f"  PPO update ({mode}): one iteration's {steps} high-level steps of a 500-step episode, "
