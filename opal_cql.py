@@ -88,8 +88,8 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda if available), cpu, cuda, ..."""
     bf16: bool = True
-    """run the forward passes under torch.autocast(bfloat16), Q values in fp32; honoured only where bf16 is faster
-    than fp32: on CUDA GPUs, and on a CPU where a probe at start-up measures it 1.25x faster or more (ours)"""
+    """run the forward passes under torch.autocast(bfloat16), Q values in fp32; honoured only where a probe at
+    start-up measures bf16 1.25x faster than fp32 or more, on a CPU or a GPU (ours)"""
     compile: bool = False
     """torch.compile the task policy and the critics (compiles for about a minute first)"""
     cudagraph: bool = True

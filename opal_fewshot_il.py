@@ -101,8 +101,8 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda if available), cpu, cuda, ..."""
     bf16: bool = False
-    """run the forward passes under torch.autocast(bfloat16); honoured only where bf16 is faster than fp32: on CUDA
-    GPUs, and on a CPU where a probe at start-up measures it 1.25x faster or more (ours)"""
+    """run the forward passes under torch.autocast(bfloat16); honoured only where a probe at start-up measures bf16
+    1.25x faster than fp32 or more, on a CPU or a GPU (ours)"""
     runs_dir: str = "runs"
     """folder that receives the run directory"""
     save_every: int = 5_000
