@@ -508,7 +508,7 @@ def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False,
     """Whether to autocast to bf16: only if requested and measured faster than fp32 here. A probe at start-up
     decides, on a CPU and on a CUDA GPU alike, because neither the CPU's flags nor the GPU's name tell: on two CPUs
     with the same AVX-512 BF16 flags and no AMX, bf16 ran the CQL update at 0.7x and at 2.2-3.3x fp32; with AMX at
-    1.8-2.8x; on an H200, where the eager update is bound by kernel launches, at 0.8x (docs/speed.md).
+    1.8-2.8x; on an H200 at 0.6-0.9x eager (bound by kernel launches) and 1.5-2.0x as a CUDA graph (docs/speed.md).
     `bf16_probe` times `work` (a forward pass of the script's costliest piece on a batch of its own data,
     returning a loss) both ways, as a CUDA graph if the run replays its updates as one (`graphed`); bf16 is used
     if it takes at most 0.8 of fp32's time, so that a near tie stays in fp32. The choice is printed and kept in
