@@ -907,7 +907,8 @@ if __name__ == "__main__":
     print(f"{dataset_id}: {len(data['episode_lengths'])} episodes, {int(data['episode_lengths'].sum())} steps, "
           f"{len(starts)} windows of c = {args.c}; state {obs_dim}-d ({'+'.join(layout) or 'flat'}), "
           f"action {act_dim}-d")
-    print(f"β-VAE: {num_steps} gradient steps at batch {batch_size}, then {bc_steps} BC steps; run dir {run_dir}")
+    print(f"β-VAE: {num_steps} gradient steps at batch {batch_size}, then {bc_steps} BC steps; encoder on "
+          f"{'nn.GRU' if cudnn_gru else 'the written-out GRU'}; run dir {run_dir}")
 
     parameters = [*encoder.parameters(), *prior.parameters(), *primitive_policy.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, fused=True)

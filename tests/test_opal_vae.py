@@ -584,3 +584,23 @@ def test_rollout_error_replays_a_window_exactly_with_its_own_actions():
     chosen = starts[torch.randint(4, (12,), generator=torch.Generator().manual_seed(3))]
     by_hand = np.mean([np.linalg.norm(rows["achieved_goal"][s + c] - rows["achieved_goal"][s]) for s in chosen.tolist()])
     assert moved == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_either_gru_trains_the_same_and_their_checkpoints_load_into_the_other(sandbox, datasets):
+    """--gru cudnn (nn.GRU, the default on CUDA) and --gru written-out (the default on CPUs): the same initialisation
+    and math, so the same losses up to float rounding, and each checkpoint's encoder loads into the other GRU and
+    gives the same z."""
+    runs = {gru: run_vae(sandbox, "--dataset-id", datasets["pointmaze"], "--num-steps", 15, "--bc-steps", 0,
+                         "--gru", gru) for gru in ("cudnn", "written-out")}
+    losses = {gru: scalars(run_dir_of(result), "losses/vae_loss") for gru, result in runs.items()}
+    assert np.allclose(losses["cudnn"], losses["written-out"], rtol=1e-4)
+    assert "encoder on nn.GRU;" in runs["cudnn"].stdout and "encoder on the written-out GRU;" in runs["written-out"].stdout
+    states, actions = torch.randn(6, 10, 4), torch.randn(6, 10, 2)
+    for gru, result in runs.items():
+        saved = torch.load(run_dir_of(result) / "opal_vae.pt", map_location="cpu", weights_only=True)["encoder"]
+        latents = []
+        for other in (torch.nn.GRU, ov.BidirectionalGRU):
+            encoder = ov.Encoder(4, 2, 8, 32, 2, gru=other)
+            encoder.load_state_dict(saved)
+            latents.append(encoder(states, actions)[0])
+        assert torch.allclose(*latents, atol=1e-5), gru
