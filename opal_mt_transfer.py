@@ -22,32 +22,29 @@ Reads:  with primitives, a finished opal_vae.pt of Meta-World data and that data
 Writes: runs/opal_mt_transfer__<benchmark>__<seed>__<time>/  opal_mt_transfer.pt (task policy, critic, the
         primitive policy it drives), TensorBoard events, config.json, eval.mp4 with --capture-video
 
-Reading order: `Args`; then ALGORITHM: the latent action space, the networks, one rollout of held choices
-(`collect_rollout`), GAE (`generalized_advantages`) and the PPO losses (`ppo_update`); then `__main__` at the bottom
-(setup → rollout → advantages → update → evaluation). The BOOKKEEPING section between them (the primitives' data,
-checkpoints, logging, Meta-World's environments and evaluation) can be skipped on a first reading.
+Reading order: `Args`; then ALGORITHM: the slicer, the networks, the latent action space, one rollout of held
+choices (`collect_rollout`), GAE (`generalized_advantages`), the PPO losses (`ppo_update`) and the test-time execution
+(`HeldChoicePolicy`); then `__main__` (setup → rollout → advantages → update → evaluation). A short BOOKKEEPING
+section loads the primitives; Meta-World's environments, checkpoints, logging and evaluation are in opal_utils.py.
 """
 
-import json
 import math
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import gymnasium as gym
-import minari
 import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
+
+from opal_utils import (
+    Loop, MetaWorldEvaluator, environment_rngs, fail, load_dataset, load_upstream, make_benchmark, open_run,
+    print_summary, random_state, record_video, restore_environment_rngs, restore_random_state, resumed_args,
+    save_checkpoint, setup_torch, stop_if_not_finite_module, stop_signals, task_names
+)
+
 
 STATE_DIM, ACTION_DIM = 39, 4  # Meta-World v3: every task's state and the arm's action (x, y, z, gripper)
 EPISODE_LENGTH = 500  # Meta-World's episode length
@@ -156,26 +153,29 @@ class Args:
 
 
 # ======================================================================================================================
-# ALGORITHM: what to study. The latent action space (shared with opal_cql.py), the networks, a rollout of choices
-# held for c steps, GAE over high-level steps and the PPO update.
+# ALGORITHM: what to study. The slicer, the networks, the latent action space (shared with opal_cql.py), a rollout of
+# choices held for c steps, GAE over high-level steps, the PPO update and the test-time execution.
 # ======================================================================================================================
-# --- shared: latent_action_space ---
-def backup_discounts(steps, gamma: float, rule: str):
-    """Discount of each high-level transition's Bellman backup. decision: γ per decision, as SPiRL, SUPE's OPAL skills
-    and a public OPAL re-implementation back up; window: γ^k for a window of k low-level steps, the semi-MDP's exact
-    discount, which keeps the horizon at ~1/(1-γ) low-level steps whatever c is."""
-    return gamma ** (steps.float() if rule == "window" else torch.ones_like(steps, dtype=torch.float32))
+# --- shared: slicer ---
+def window_starts(episode_lengths: torch.Tensor, c: int, stride: int = 1) -> torch.Tensor:
+    """Flat row of s_0 of every length-c window (s_t, a_t)_{t<c}, with s_c in the same episode.
+
+    Episode e owns rows offset_e .. offset_e + T_e (T_e + 1 observations). Its windows start at
+    t = 0, stride, ... while t + c <= T_e, so no window crosses an episode boundary and episodes
+    shorter than c contribute none. Pure index arithmetic, no loop over samples.
+    """
+    lengths = episode_lengths.long()
+    offsets = torch.cumsum(lengths + 1, 0) - (lengths + 1)
+    per_episode = torch.where(lengths >= c, (lengths - c) // stride + 1, torch.zeros_like(lengths))
+    episode = torch.repeat_interleave(torch.arange(len(lengths)), per_episode)
+    first_of_episode = torch.cumsum(per_episode, 0) - per_episode
+    rank = torch.arange(int(per_episode.sum())) - first_of_episode[episode]
+    return offsets[episode] + rank * stride
 
 
-def latent_box(latents, bound: str, stds: float, margin: float):
-    """The task policy's latent action space, a box (the paper leaves it open; ours). minmax: the range of the
-    relabelled latents, every choice where the encoder saw behaviour, tails included; std: their mean ± `stds`
-    standard deviations, the bulk of the data's latents. `margin` widens either by that fraction of its width."""
-    if bound == "minmax":
-        low, high = latents.min(0).values, latents.max(0).values
-    else:
-        low, high = latents.mean(0) - stds * latents.std(0), latents.mean(0) + stds * latents.std(0)
-    return low - margin * (high - low), high + margin * (high - low)
+def window_rows(starts: torch.Tensor, c: int) -> torch.Tensor:
+    """Flat rows of the c steps s_0 .. s_{c-1} of the windows starting at `starts`: (N,) -> (N, c)."""
+    return starts[:, None] + torch.arange(c, device=starts.device)
 # --- end shared ---
 
 
@@ -235,8 +235,10 @@ class Encoder(nn.Module):
         _, final_states = self.gru(self.embed(torch.cat([self.normalize(states), actions], -1)))
         # the last layer's forward state after s_{c-1} and its backward state after s_0
         return gaussian_head(self.head(torch.cat([final_states[-2], final_states[-1]], -1)))
+# --- end shared ---
 
 
+# --- shared: relabeller ---
 @torch.no_grad()
 def encode_windows(encoder, observations, actions, starts, c):
     """z = μ_φ(τ), the posterior mean of the length-c window starting at each row of `starts` (OPAL's relabelling)."""
@@ -269,6 +271,26 @@ class PrimitivePolicy(nn.Module):
 
     def forward(self, states, latents):
         return gaussian_head(self.net(torch.cat([self.normalize(states), latents], -1)))
+# --- end shared ---
+
+
+# --- shared: latent_action_space ---
+def backup_discounts(steps, gamma: float, rule: str):
+    """Discount of each high-level transition's Bellman backup. decision: γ per decision, as SPiRL, SUPE's OPAL skills
+    and a public OPAL re-implementation back up; window: γ^k for a window of k low-level steps, the semi-MDP's exact
+    discount, which keeps the horizon at ~1/(1-γ) low-level steps whatever c is."""
+    return gamma ** (steps.float() if rule == "window" else torch.ones_like(steps, dtype=torch.float32))
+
+
+def latent_box(latents, bound: str, stds: float, margin: float):
+    """The task policy's latent action space, a box (the paper leaves it open; ours). minmax: the range of the
+    relabelled latents, every choice where the encoder saw behaviour, tails included; std: their mean ± `stds`
+    standard deviations, the bulk of the data's latents. `margin` widens either by that fraction of its width."""
+    if bound == "minmax":
+        low, high = latents.min(0).values, latents.max(0).values
+    else:
+        low, high = latents.mean(0) - stds * latents.std(0), latents.mean(0) + stds * latents.std(0)
+    return low - margin * (high - low), high + margin * (high - low)
 # --- end shared ---
 
 
@@ -463,456 +485,6 @@ def ppo_update(agent, optimizer, batch: dict, args) -> dict:
             "approx_kl": approx_kl, "clip_fraction": clip_fraction}
 
 
-# ======================================================================================================================
-# BOOKKEEPING: a first reading may skip to __main__. The primitives' data and latent box, checkpoints, run setup and
-# logging, Meta-World's environments, their checkpoints and evaluation.
-# ======================================================================================================================
-# --- shared: datasets ---
-ENV_ALIASES = {
-    "antmaze-medium-diverse": "D4RL/antmaze/medium-diverse-v1",
-    "antmaze-large-diverse": "D4RL/antmaze/large-diverse-v1",
-    "kitchen-mixed": "D4RL/kitchen/mixed-v2",
-    "kitchen-partial": "D4RL/kitchen/partial-v2",
-    "pointmaze-umaze": "opal/pointmaze-umaze-diverse-v0",
-    "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
-    "pointmaze-large": "opal/pointmaze-large-diverse-v0",
-    "metaworld-pick-place": "opal/metaworld-pick-place-expert-v0",
-}
-GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large)|metaworld-pick-place)-(diverse|expert)(-anywhere)?-v0")
-
-
-def fail(message: str):
-    """Stop with one readable paragraph instead of a traceback."""
-    raise SystemExit(f"error: {message}")
-
-
-def resolve_dataset_id(env: str, dataset_id: Optional[str]) -> str:
-    if dataset_id:
-        return dataset_id
-    if env not in ENV_ALIASES:
-        fail(f"unknown --env {env!r}. Valid aliases: {', '.join(ENV_ALIASES)}; "
-             "or pass any Minari id with --dataset-id.")
-    return ENV_ALIASES[env]
-
-
-def load_minari_dataset(dataset_id: str):
-    """The dataset from the local Minari store; pointmaze data is generated, D4RL data downloaded."""
-    try:
-        return minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        pass
-    except OSError as error:  # the store itself is unusable: not a folder, not writable
-        fail(f"cannot use the Minari store {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} "
-             f"({error.strerror}). Set MINARI_DATASETS_PATH to a writable folder.")
-    except Exception as error:  # a folder that exists but does not read as a dataset
-        fail(f"the local copy of {dataset_id} cannot be read ({type(error).__name__}: {error}). Delete it and retry.")
-    generated = GENERATED.fullmatch(dataset_id)
-    if generated:
-        collector = Path(__file__).with_name("collect_data.py")
-        print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} (about a minute)")
-        if not collector.exists():
-            fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
-        command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2],
-                   *(["--starts", "anywhere"] if generated[3] else [])]
-        if subprocess.run(command).returncode != 0:
-            fail(f"generating {dataset_id} failed (command: {' '.join(command)}); its output is above.")
-        return minari.load_dataset(dataset_id)
-    try:
-        return minari.load_dataset(dataset_id, download=True)
-    except ImportError:
-        fail(f"{dataset_id} is not stored locally and downloading it needs huggingface_hub: "
-             "pip install 'minari[hf]' (requirements.txt has it).")
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        fail(f"{dataset_id} is not stored locally and could not be downloaded ({reason}). "
-             f"If you are offline, download it elsewhere with `minari download {dataset_id}` and copy the folder "
-             f"into {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}, or train on data made here: "
-             "--env pointmaze-large. If the id is mistyped, `minari list remote` shows the valid ones.")
-
-
-def observation_layout(dataset) -> list:
-    """Keys of a dict observation, concatenated in this order, that give the state D4RL used."""
-    space = dataset.observation_space
-    if not isinstance(space, gym.spaces.Dict):
-        return []
-    env_id = dataset.env_spec.id if dataset.env_spec is not None else ""
-    if "AntMaze" in env_id:
-        return ["achieved_goal", "observation"]  # D4RL antmaze state: torso x,y + 27-d observation = 29-d
-    if "observation" in space.spaces:
-        return ["observation"]  # pointmaze: x, y, vx, vy; kitchen: the 59-d robot and object state
-    return sorted(k for k, v in space.spaces.items() if isinstance(v, gym.spaces.Box))
-
-
-def flatten_observation(observation, layout: list) -> np.ndarray:
-    if not layout:
-        return np.asarray(observation, dtype=np.float32)
-    return np.concatenate([np.asarray(observation[k], dtype=np.float32) for k in layout], axis=-1)
-# --- end shared ---
-
-
-# --- shared: offline_data ---
-def load_flat_dataset(dataset, layout: list, device) -> dict:
-    """All episodes as flat tensors, T+1 rows per episode: row t holds s_t, a_t, r_t (a, r padded at t = T)."""
-    columns = {"observations": [], "actions": [], "rewards": [], "terminations": [], "achieved_goal": [],
-               "qpos": [], "qvel": []}
-    lengths = []
-    for episode in dataset.iterate_episodes():
-        steps = len(episode.actions)
-        lengths.append(steps)
-        pad = lambda x: np.concatenate([x, np.zeros_like(x[:1])], axis=0)
-        columns["observations"].append(flatten_observation(episode.observations, layout))
-        columns["actions"].append(pad(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1)))
-        columns["rewards"].append(pad(np.asarray(episode.rewards, dtype=np.float32)))
-        columns["terminations"].append(pad(np.asarray(episode.terminations, dtype=np.float32)))
-        if isinstance(episode.observations, dict) and isinstance(episode.observations.get("achieved_goal"), np.ndarray):
-            columns["achieved_goal"].append(np.asarray(episode.observations["achieved_goal"], dtype=np.float32))
-        for key in ("qpos", "qvel"):
-            if key in (episode.infos or {}) and len(episode.infos[key]) == steps + 1:
-                columns[key].append(np.asarray(episode.infos[key], dtype=np.float64))
-    data = {k: torch.as_tensor(np.concatenate(v)).to(device) for k, v in columns.items() if len(v) == len(lengths)}
-    data["episode_lengths"] = torch.as_tensor(lengths, dtype=torch.long)
-    for key, value in data.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            fail(f"the dataset's {key} contain NaN or inf; OPAL cannot learn from them.")
-    return data
-
-
-def window_starts(episode_lengths: torch.Tensor, c: int, stride: int = 1) -> torch.Tensor:
-    """Flat row of s_0 of every length-c window (s_t, a_t)_{t<c}, with s_c in the same episode.
-
-    Episode e owns rows offset_e .. offset_e + T_e (T_e + 1 observations). Its windows start at
-    t = 0, stride, ... while t + c <= T_e, so no window crosses an episode boundary and episodes
-    shorter than c contribute none. Pure index arithmetic, no loop over samples.
-    """
-    lengths = episode_lengths.long()
-    offsets = torch.cumsum(lengths + 1, 0) - (lengths + 1)
-    per_episode = torch.where(lengths >= c, (lengths - c) // stride + 1, torch.zeros_like(lengths))
-    episode = torch.repeat_interleave(torch.arange(len(lengths)), per_episode)
-    first_of_episode = torch.cumsum(per_episode, 0) - per_episode
-    rank = torch.arange(int(per_episode.sum())) - first_of_episode[episode]
-    return offsets[episode] + rank * stride
-def window_rows(starts: torch.Tensor, c: int) -> torch.Tensor:
-    """Flat rows of the c steps s_0 .. s_{c-1} of the windows starting at `starts`: (N,) -> (N, c)."""
-    return starts[:, None] + torch.arange(c, device=starts.device)
-# --- end shared ---
-
-
-# --- shared: checkpoint ---
-CHECKPOINT_FORMAT_VERSION = 1
-
-
-def library_versions() -> dict:
-    import mujoco
-    return {"torch": str(torch.__version__), "gymnasium": gym.__version__, "minari": minari.__version__,
-            "mujoco": mujoco.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
-
-
-def save_checkpoint(path: Path, payload: dict):
-    """Atomic: write a temporary file beside the target, then rename it over the target."""
-    payload = {"format": "opal", "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(), **payload}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def load_checkpoint(path, script: str) -> dict:
-    """Load a checkpoint written by `script` (e.g. "opal_vae") or stop with a message saying what is wrong."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / f"{script}.pt"
-    if not path.is_file():
-        fail(f"checkpoint {path} does not exist.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        if "Weights only load failed" in str(error):
-            fail(f"{path} holds Python objects besides tensors and plain values, so it is not an OPAL checkpoint "
-                 "(ours load with torch.load(weights_only=True)); it was not unpickled.")
-        fail(f"{path} is not a readable checkpoint: it is truncated, corrupted or not a torch file "
-             f"({type(error).__name__}).")
-    if not isinstance(payload, dict) or payload.get("format") != "opal":
-        fail(f"{path} is a torch file but not an OPAL checkpoint.")
-    if payload.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
-        fail(f"{path} has checkpoint format {payload['format_version']}, newer than this script's "
-             f"{CHECKPOINT_FORMAT_VERSION}: update the script.")
-    if payload.get("script") != script:
-        fail(f"{path} was written by {payload.get('script')}.py, but a {script}.py checkpoint is needed here.")
-    return payload
-
-
-def stop_signals() -> list:
-    """SIGINT and SIGTERM append to the returned list instead of killing the process: the training loop
-    sees the list is non-empty, writes its checkpoint and exits (code 130); a second signal is also caught."""
-    received = []
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda signum, frame: received.append(signum))
-    return received
-
-
-def resumed_args(args, script: str):
-    """For --resume: (checkpoint payload, the run's saved Args, its run directory), or stop with a reason."""
-    payload = load_checkpoint(args.resume, script)
-    path = Path(args.resume)
-    run_dir = path if path.is_dir() else path.parent
-    try:
-        saved = type(args)(**{**payload["args"], "resume": args.resume})
-    except TypeError as error:
-        fail(f"{args.resume} was written with other arguments than this script knows ({error}); it cannot be resumed.")
-    if payload.get("finished"):
-        print(f"{run_dir} is a finished run; nothing to resume.")
-        sys.exit(0)
-    print(f"resuming {run_dir} at step {payload['step']} ({payload.get('phase', 'training')}) with the arguments "
-          "saved in its checkpoint; other flags on this command line are ignored")
-    return payload, saved, run_dir
-
-
-def check_checkpoint(payload: dict, path, **expected):
-    """Refuse a checkpoint whose fields differ from what this run expects, naming the first that differs."""
-    for field, value in expected.items():
-        if payload.get(field) != value:
-            fail(f"{path} does not fit this run: its {field} is {payload.get(field)!r}, this run has {value!r}.")
-
-
-def load_upstream(path, script: str, allow_unfinished: bool, **expected) -> dict:
-    """The checkpoint of an earlier step of the pipeline (e.g. opal_vae.pt for opal_cql.py): refused if its run did
-    not finish (part of its training never ran) unless `allow_unfinished`, or if a field differs from `expected`."""
-    payload = load_checkpoint(path, script)
-    if not payload.get("finished") and not allow_unfinished:
-        run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
-        fail(f"{path} comes from a run of {script}.py that did not finish: it stopped in its "
-             f"{payload.get('phase', 'training')} phase at step {payload.get('step')}, so the rest of its training "
-             f"never ran. Finish it with `python {script}.py --resume {run_dir}`, or pass --allow-unfinished to use "
-             "it as it is.")
-    check_checkpoint(payload, path, **expected)
-    return payload
-# --- end shared ---
-
-
-# --- shared: run ---
-def setup_torch(seed: int, device_name: str) -> torch.device:
-    """Seed torch and numpy, flush subnormal floats to zero, and pick the device ("auto": CUDA if available).
-
-    Subnormal floats (e.g. CQL's softmax weights of far-off Q-values) take a slow path on CPUs: flushing them
-    made opal_cql.py 1.7x faster here, with no effect on the learning signal."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    torch.set_flush_denormal(True)
-    if device_name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device_name)
-
-
-def use_bf16(requested: bool, device: torch.device, work, resumed: bool = False, probe=None,
-             graphed: bool = False) -> bool:
-    """Whether to autocast to bf16: only if requested and measured faster than fp32 here. A probe at start-up
-    decides, on a CPU and on a CUDA GPU alike, because neither the CPU's flags nor the GPU's name tell: on two CPUs
-    with the same AVX-512 BF16 flags and no AMX, bf16 ran the CQL update at 0.7x and at 2.2-3.3x fp32; with AMX at
-    1.8-2.8x; on an H200 at 0.6-0.9x eager (bound by kernel launches) and 1.5-2.0x as a CUDA graph (docs/speed.md).
-    `bf16_probe` times `work` (a forward pass of the script's costliest piece on a batch of its own data,
-    returning a loss) both ways, as a CUDA graph if the run replays its updates as one (`graphed`); bf16 is used
-    if it takes at most 0.8 of fp32's time, so that a near tie stays in fp32. The choice is printed and kept in
-    the run's args (config.json, checkpoint); a resumed run keeps the choice it started with, so that it goes on
-    bit for bit. `probe`: a stand-in for `bf16_probe` (the tests give it fixed timings)."""
-    if not requested or resumed:
-        return requested
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        print("bf16 autocast off: this GPU has no bf16")
-        return False
-    if device.type not in ("cpu", "cuda"):
-        print(f"bf16 autocast off: not measured on {device.type}")
-        return False
-    fp32, bf16 = (probe or bf16_probe)(work, device, graphed=graphed)
-    faster = bf16 <= 0.8 * fp32
-    print(f"bf16 autocast {'on' if faster else 'off'}: a probe measured bf16 at {fp32 / bf16:.2f}x the speed of "
-          f"fp32 on this {'GPU' if device.type == 'cuda' else 'CPU'} ({fp32 * 1e3:.2f} against {bf16 * 1e3:.2f} ms "
-          f"a forward and backward pass{', in a CUDA graph' if graphed else ''}; on from 1.25x)")
-    return faster
-
-
-def bf16_probe(work, device: torch.device, repeats: int = 5, graphed: bool = False) -> tuple:
-    """(fp32, bf16) seconds of a forward pass `work()` and the backward pass of the loss it returns, the forward
-    under bf16 autocast the second time, as in the training loop; each the fastest of `repeats` after a warm-up,
-    the two precisions taking turns. On a GPU each pass is timed to its end (synchronised), and `graphed` times
-    it recorded as a CUDA graph, as a run that replays its updates pays for it. Its random numbers are its own:
-    the run's stay as its seed set them. The gradients it leaves are cleared by the optimiser's zero_grad before
-    the first update's backward."""
-    def forward_backward(bf16: bool):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = work()
-        loss.backward()
-
-    cuda = device.type == "cuda"
-    finish = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)  # a GPU runs asynchronously
-    passes = {bf16: (lambda bf16=bf16: forward_backward(bf16)) for bf16 in (False, True)}
-    seconds = {False: [], True: []}
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        if graphed:  # each pass recorded after a warm-up on a side stream, then replayed
-            graphs = {bf16: torch.cuda.CUDAGraph() for bf16 in (False, True)}
-            for bf16, graph in graphs.items():
-                stream = torch.cuda.Stream(device)
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):
-                    forward_backward(bf16)
-                torch.cuda.current_stream(device).wait_stream(stream)
-                with torch.cuda.graph(graph):
-                    forward_backward(bf16)
-            passes = {bf16: graph.replay for bf16, graph in graphs.items()}
-        for _ in range(repeats + 1):
-            for bf16 in (False, True):
-                finish()
-                start = time.perf_counter()
-                passes[bf16]()
-                finish()
-                seconds[bf16].append(time.perf_counter() - start)
-    return min(seconds[False][1:]), min(seconds[True][1:])
-
-
-def open_run(args, config: dict, resumed_dir=None, env_name=None):
-    """The run directory runs/<exp_name>__<env>__<seed>__<unix time>/ (or the resumed run's), its config.json,
-    a TensorBoard writer with the configuration as text, and wandb (syncing TensorBoard) behind --track. <env>:
-    `env_name`, or --dataset-id (its slashes as dashes) or --env."""
-    if resumed_dir is not None:
-        run_dir = Path(resumed_dir)
-    else:
-        env_name = env_name or (args.dataset_id.replace("/", "-") if args.dataset_id else args.env)
-        run_dir = Path(args.runs_dir) / f"{args.exp_name}__{env_name}__{args.seed}__{int(time.time())}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-    config = {**config, **{f"version_{k}": v for k, v in library_versions().items()}}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=config, name=run_dir.name, save_code=True)
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
-    return run_dir, writer
-
-
-def stop_if_not_finite(values: dict, where: str, checkpoint_path: Path, writer):
-    """A NaN or inf stops the run. Checkpoints are only written from finite parameters (stop_if_not_finite_module),
-    so the file on disk stays the last good one."""
-    for name, value in values.items():
-        if not math.isfinite(value):
-            writer.close()
-            fail(f"{name} became {value} at {where}; stopped. The last good checkpoint is "
-                 f"{checkpoint_path if checkpoint_path.exists() else 'not written yet (none was saved)'}. "
-                 "Lower the learning rates or check the dataset.")
-
-
-def stop_if_not_finite_module(where: str, checkpoint_path: Path, writer, **modules):
-    """Called before every save: a module with a NaN or inf parameter stops the run instead of being written."""
-    for name, module in modules.items():
-        if not all(torch.isfinite(p.detach()).all() for p in module.parameters()):
-            stop_if_not_finite({f"a parameter of the {name}": math.nan}, where, checkpoint_path, writer)
-
-
-class Loop:
-    """One training phase's bookkeeping, so that the loop body holds only the algorithm: a progress bar; the losses
-    averaged between log lines, written under losses/ every --log-every steps with charts/SPS and kept in the run's
-    summary; a stop on NaN or inf; the checkpoint every --save-every steps and when Ctrl-C or SIGTERM arrives (then
-    exit code 130). `stride`: steps per iteration (opal_online_sac.py counts environment steps, --num-envs of them
-    per iteration); an iteration may report no losses (no update ran in it)."""
-
-    def __init__(self, phase, first, last, args, writer, summary, save, checkpoint_path, stop_requested, show=(),
-                 desc=None, prefix="", log_offset=0, optimizer=None, stride=1):
-        self.phase, self.first, self.last, self.args, self.stride = phase, first, last, args, stride
-        self.writer, self.summary = writer, summary
-        self.save, self.checkpoint_path, self.stop_requested, self.show = save, checkpoint_path, stop_requested, show
-        self.desc, self.prefix, self.log_offset, self.optimizer = desc or phase, prefix, log_offset, optimizer
-        self.sums, self.names, self.count = None, [], 0
-
-    def __iter__(self):
-        self.start_time = time.time()
-        self.progress = tqdm(desc=self.desc, mininterval=2, initial=self.first - 1, total=self.last)
-        for step in range(self.first + self.stride - 1, self.last + 1, self.stride):
-            yield step
-            self.progress.update(self.stride)
-        self.progress.close()
-
-    def passes(self, step: int, every: int) -> bool:
-        """Whether the iteration ending at `step` passed a multiple of `every` (step % every == 0 at stride 1)."""
-        return step // every > (step - self.stride) // every
-
-    def end_of_step(self, step: int, losses: dict):
-        if losses:
-            values = torch.stack([value.detach().float() for value in losses.values()])  # summed on the device
-            self.sums = values if self.sums is None else self.sums + values
-            self.names, self.count = list(losses), self.count + 1
-        stop = bool(self.stop_requested)  # read once: a signal arriving later is handled at the next step
-        save_now = self.passes(step, self.args.save_every) or stop
-        if self.passes(step, self.args.log_every) or step + self.stride > self.last or save_now:
-            means = dict(zip(self.names, (self.sums / self.count).tolist())) if self.count else {}
-            self.sums, self.count = None, 0
-            stop_if_not_finite({f"losses/{k}": v for k, v in means.items()}, f"{self.phase} step {step}",
-                               self.checkpoint_path, self.writer)
-            sps = (step - self.first + 1) / (time.time() - self.start_time)
-            for name, value in means.items():
-                self.writer.add_scalar(f"losses/{name}", value, self.log_offset + step)
-            self.writer.add_scalar("charts/SPS", sps, self.log_offset + step)
-            if self.optimizer is not None:
-                learning_rate = self.optimizer.param_groups[0]["lr"]
-                self.writer.add_scalar("charts/learning_rate", learning_rate, self.log_offset + step)
-            shown = {name: f"{means[name]:.3f}" for name in self.show if name in means}
-            self.progress.set_postfix({**shown, "sps": f"{sps:.0f}"})
-            self.summary.update(means, **{f"{self.prefix}steps": step, f"{self.prefix}sps": sps})
-        if save_now:
-            self.save(step)
-        if stop:
-            print(f"stopped by signal at {self.phase} step {step}; checkpoint written to {self.checkpoint_path}")
-            sys.exit(130)
-# --- end shared ---
-
-
-def primitives_and_latent_box(vae: dict, args, device):
-    """The frozen primitive policy and prior of `vae` and the latent box, computed as opal_cql.py computes it:
-    the VAE's own dataset relabelled with its encoder, windows of stride c, z = μ_φ(τ)."""
-    dataset = load_minari_dataset(vae["dataset_id"])
-    data = load_flat_dataset(dataset, observation_layout(dataset), device)
-    starts = window_starts(data["episode_lengths"], vae["c"], stride=vae["c"]).to(device)
-    encoder = Encoder(STATE_DIM, ACTION_DIM, vae["latent_dim"], vae["hidden_dim"], vae["gru_layers"]).to(device)
-    encoder.load_state_dict(vae["encoder"])
-    latents = encode_windows(encoder, data["observations"], data["actions"], starts, vae["c"])
-    choice_low, choice_high = latent_box(latents, args.latent_bound, args.latent_bound_std, args.latent_margin)
-    primitive_policy = PrimitivePolicy(STATE_DIM, ACTION_DIM, vae["latent_dim"], vae["hidden_dim"]).to(device)
-    primitive_policy.load_state_dict(vae["primitive_policy"])
-    prior = Prior(STATE_DIM, vae["latent_dim"], vae["hidden_dim"]).to(device)
-    prior.load_state_dict(vae["prior"])
-    return primitive_policy.requires_grad_(False), prior.requires_grad_(False), choice_low, choice_high
-
-
-def make_benchmark(benchmark: str, seed: int, episode_length: int, strategy: str, autoreset_mode):
-    """Meta-World's MT10 or MT50 as a vector environment, one environment per task, the one-hot task id appended to
-    the state. Each environment draws one of its task's 50 goals at every reset from a generator seeded here."""
-    import metaworld  # noqa: F401  (registers the Meta-World/ environments)
-    return gym.make_vec(f"Meta-World/{benchmark}", vector_strategy=strategy, seed=seed, use_one_hot=True,
-                        max_episode_steps=episode_length, autoreset_mode=autoreset_mode)
-
-
-def task_names(envs) -> list:
-    """The benchmark's task names (e.g. pick-place-v3), in the order of its environments and one-hot ids."""
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-    name_of = {cls.__name__: name for name, cls in ALL_V3_ENVIRONMENTS.items()}
-    return [name_of[cls_name] for cls_name in envs.get_attr("task_name")]
-
-
-def environment_rngs(envs) -> str:
-    """Where every environment's random number generators are (goal draws, positions), as JSON text for the
-    checkpoint. Meta-World's own checkpoint also pickles its task list; that part is left out (the same seed
-    rebuilds it), so that loading an opal_mt_transfer.pt never unpickles anything."""
-    return json.dumps([(env_id, {k: v for k, v in state.items() if k != "tasks"})
-                       for env_id, state in envs.call("get_checkpoint")])
-
-
-def restore_environment_rngs(envs, saved: str):
-    """Put every environment's generators back where `environment_rngs` found them, with this process's own copy
-    of the task list: the next reset draws the goal the uninterrupted run drew."""
-    tasks = {env_id: state["tasks"] for env_id, state in envs.call("get_checkpoint")}
-    envs.call("load_checkpoint", [(env_id, {**state, "tasks": tasks[env_id]}) for env_id, state in json.loads(saved)])
-
-
 class HeldChoicePolicy:
     """The task policy as Meta-World's evaluation expects an agent (`eval_action`, `reset`): the actor's mean choice
     (deterministic), held for c steps per environment through the primitive policy; a new choice where an episode
@@ -940,49 +512,24 @@ class HeldChoicePolicy:
         return held_choice_actions(self.primitive_policy, states, self.choices).cpu().numpy()
 
 
-class Evaluator:
-    """Meta-World's evaluation protocol (`metaworld.evaluation.evaluation`) in a second copy of the benchmark: an
-    episode ends at its first success or at the time limit, until every task has `episodes` of them; a task's
-    success rate is its share of successful episodes, the benchmark's the mean over tasks. Written under eval/
-    (success_rate, per task, return; normalized_score = 100 × success rate) and kept in the run's summary."""
-
-    def __init__(self, envs, names, writer, summary):
-        self.envs, self.names, self.writer, self.summary = envs, names, writer, summary
-
-    def __call__(self, policy, step: int, episodes: int):
-        from metaworld.evaluation import evaluation
-        success_rate, mean_return, per_task, _ = evaluation(policy, self.envs, episodes)
-        score = 100.0 * success_rate
-        for name, value in (("success_rate", success_rate), ("return", mean_return), ("normalized_score", score)):
-            self.writer.add_scalar(f"eval/{name}", value, step)
-        for task, rate in per_task.items():
-            self.writer.add_scalar(f"eval/success_rate_{task}", rate, step)
-        best = max(self.summary.get("best_normalized_score", -math.inf), score)
-        self.summary.update(last_normalized_score=score, best_normalized_score=best, last_success_rate=success_rate,
-                            last_success_per_task={task: per_task[task] for task in self.names})
-        tqdm.write(f"step {step}: success rate {success_rate:.3f} over {len(per_task)} tasks ({episodes} episodes "
-                   f"each; " + ", ".join(f"{task} {per_task[task]:.2f}" for task in self.names) + f"); best so far "
-                   f"{best / 100:.3f}")
-
-
-def record_video(task: str, names: list, policy, seed: int, episode_length: int, path: Path):
-    """`path` (mp4) of one evaluation episode of `task`, acted as in evaluation (--capture-video)."""
-    import imageio
-    import metaworld  # noqa: F401
-    env = gym.make("Meta-World/MT1", env_name=task, seed=seed, render_mode="rgb_array",
-                   max_episode_steps=episode_length)
-    one_hot = np.eye(len(names), dtype=np.float32)[names.index(task)]
-    observation, _ = env.reset()
-    frames, done = [env.render()], False
-    policy.reset(np.ones(1, dtype=bool))
-    while not done:
-        action = policy.eval_action(np.concatenate([observation, one_hot])[None])[0]
-        observation, _, terminated, truncated, info = env.step(action)
-        frames.append(env.render())
-        done = terminated or truncated or bool(info["success"])
-    imageio.mimsave(path, frames, fps=30)
-    env.unwrapped.mujoco_renderer.close()  # (Meta-World's close leaves its renderer to the interpreter's exit)
-    env.close()
+# ======================================================================================================================
+# BOOKKEEPING: a first reading may skip to __main__. The primitives and their latent box, loaded from a VAE
+# checkpoint and its dataset (the rest of the bookkeeping is in opal_utils.py).
+# ======================================================================================================================
+def primitives_and_latent_box(vae: dict, args, device):
+    """The frozen primitive policy and prior of `vae` and the latent box, computed as opal_cql.py computes it:
+    the VAE's own dataset relabelled with its encoder, windows of stride c, z = μ_φ(τ)."""
+    _, _, data = load_dataset(vae["dataset_id"], device)
+    starts = window_starts(data["episode_lengths"], vae["c"], stride=vae["c"]).to(device)
+    encoder = Encoder(STATE_DIM, ACTION_DIM, vae["latent_dim"], vae["hidden_dim"], vae["gru_layers"]).to(device)
+    encoder.load_state_dict(vae["encoder"])
+    latents = encode_windows(encoder, data["observations"], data["actions"], starts, vae["c"])
+    choice_low, choice_high = latent_box(latents, args.latent_bound, args.latent_bound_std, args.latent_margin)
+    primitive_policy = PrimitivePolicy(STATE_DIM, ACTION_DIM, vae["latent_dim"], vae["hidden_dim"]).to(device)
+    primitive_policy.load_state_dict(vae["primitive_policy"])
+    prior = Prior(STATE_DIM, vae["latent_dim"], vae["hidden_dim"]).to(device)
+    prior.load_state_dict(vae["prior"])
+    return primitive_policy.requires_grad_(False), prior.requires_grad_(False), choice_low, choice_high
 
 
 if __name__ == "__main__":
@@ -991,9 +538,7 @@ if __name__ == "__main__":
     resumed, args, resumed_dir = resumed_args(args, "opal_mt_transfer") if args.resume else (None, args, None)
 
     # Setup: device, the primitives and their latent box, the benchmark's training and evaluation environments
-    if args.capture_video:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering without a display
-    device = setup_torch(args.seed, args.device)
+    device = setup_torch(args.seed, args.device, args.capture_video)
     vae, primitive_policy, prior, c = None, None, None, 1
     if args.primitives == "opal":
         vae = load_upstream(args.vae_ckpt, "opal_vae", args.allow_unfinished)
@@ -1041,7 +586,7 @@ if __name__ == "__main__":
             module.load_state_dict(resumed[key])
         restore_environment_rngs(envs, resumed["envs"])
         restore_environment_rngs(eval_envs, resumed["eval_envs"])
-        torch.set_rng_state(resumed["rng"]["torch"])
+        restore_random_state(resumed["rng"])
         summary, first_step = dict(resumed["summary"]), resumed["step"] + 1
 
     def checkpoint(step: int, finished: bool = False):
@@ -1061,11 +606,11 @@ if __name__ == "__main__":
             "policy_hidden_dim": args.hidden_dim, "agent": agent.state_dict(),
             "obs_normalizer": obs_normalizer.state_dict(), "reward_scaler": reward_scaler.state_dict(),
             "optimizer": optimizer.state_dict(), "envs": environment_rngs(envs), "eval_envs": environment_rngs(eval_envs),
-            "step": step, "finished": finished, "summary": dict(summary), "rng": {"torch": torch.get_rng_state()}})
+            "step": step, "finished": finished, "summary": dict(summary), "rng": random_state()})
 
     # PPO: every iteration collects one episode of every task, computes GAE over its high-level steps and updates
     policy = HeldChoicePolicy(agent, obs_normalizer, primitive_policy, c, choice_space, device)
-    evaluator = Evaluator(eval_envs, names, writer, summary)
+    evaluator = MetaWorldEvaluator(eval_envs, names, writer, summary)
     loop = Loop("PPO", first_step, args.total_steps, args, writer, summary, checkpoint, checkpoint_path,
                 stop_requested, show=("value_loss", "approx_kl"), desc=f"PPO ({args.primitives}, {args.benchmark})",
                 stride=steps_per_iteration, optimizer=optimizer)
@@ -1091,9 +636,7 @@ if __name__ == "__main__":
     checkpoint(args.total_steps, finished=True)
     if args.capture_video:
         record_video(args.video_task, names, policy, args.seed + 10_000, args.episode_length, run_dir / "eval.mp4")
-    print("summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
-                                  if not isinstance(v, dict)))
-    print(f"checkpoint: {checkpoint_path}")
+    print_summary(summary, checkpoint_path)
     envs.close()
     eval_envs.close()
     writer.close()

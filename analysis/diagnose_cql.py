@@ -32,6 +32,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import opal_cql as oc  # noqa: E402
+from opal_utils import (  # noqa: E402
+    evaluate, flatten_observation, load_flat_dataset, load_minari_dataset, make_eval_envs, policies_from_checkpoint
+)
 
 
 @dataclass
@@ -84,13 +87,13 @@ if __name__ == "__main__":
         if payload["primitives"] != "opal":
             print(f"{path}: trained without primitives; nothing to diagnose here")
             continue
-        task_policy, primitive_policy = oc.policies_from_checkpoint(payload)
+        task_policy, primitive_policy = policies_from_checkpoint(payload, oc.TanhGaussianPolicy, oc.PrimitivePolicy)
         saved, c = payload["args"], payload["c"]
         critics = oc.Critics(payload["obs_dim"], payload["choice_dim"], saved["hidden_dim"], saved["critic_layers"])
         critics.load_state_dict(payload["critics"])
         if payload["dataset_id"] not in loaded:
-            dataset = oc.load_minari_dataset(payload["dataset_id"])
-            flat = oc.load_flat_dataset(dataset, payload["obs_layout"], torch.device("cpu"))
+            dataset = load_minari_dataset(payload["dataset_id"])
+            flat = load_flat_dataset(dataset, payload["obs_layout"], torch.device("cpu"))
             loaded[payload["dataset_id"]] = dataset, flat
         dataset, data = loaded[payload["dataset_id"]]
         layout, low, high = payload["obs_layout"], np.array(payload["act_low"]), np.array(payload["act_high"])
@@ -103,14 +106,14 @@ if __name__ == "__main__":
         # check 5, Q at the first decision and the return Σ_j Γ_j R_j under the run's reward transform and backup
         # discount until the goal is reached, and, for check 6, the states and latents of every decision before it
         gamma, rule = saved["gamma"], saved.get("high_level_discount", "window")
-        envs = oc.make_eval_envs(dataset, 10)
+        envs = make_eval_envs(dataset, 10)
         obs, _ = envs.reset(seed=[saved["seed"] + 10_000 + i for i in range(10)])
         largest_fraction, q_first, chosen_states, chosen_latents = 0.0, None, [], []
         running, reached = np.ones(10, dtype=bool), np.zeros(10, dtype=bool)
         returns, weight = np.zeros(10), np.ones(10)  # Σ over decisions of Γ_j R_j, and Γ_j
         with torch.no_grad():
             for _ in range(envs.envs[0].spec.max_episode_steps // c):
-                states = torch.as_tensor(oc.flatten_observation(obs, layout))
+                states = torch.as_tensor(flatten_observation(obs, layout))
                 choice, _ = task_policy(states, deterministic=True)
                 fraction = ((choice - task_policy.center) / task_policy.half_range).abs().max()
                 largest_fraction = max(largest_fraction, float(fraction))
@@ -120,7 +123,7 @@ if __name__ == "__main__":
                     q_first = critics(states, choice).min(0).values.numpy()
                 window_return = np.zeros(10)
                 for t in range(c):
-                    action, _ = primitive_policy(torch.as_tensor(oc.flatten_observation(obs, layout)), choice)
+                    action, _ = primitive_policy(torch.as_tensor(flatten_observation(obs, layout)), choice)
                     obs, _, terminated, truncated, info = envs.step(np.clip(action.numpy(), low, high))
                     success = np.asarray(info.get("success", np.zeros(10, dtype=bool)), dtype=bool)
                     window_return += running * gamma ** t * (saved["reward_scale"] * success + saved["reward_bias"])
@@ -133,8 +136,8 @@ if __name__ == "__main__":
         variants = [("tanh of the mean", task_policy), ("sampled z", SampledChoice(task_policy))]
         variants += [(f"clipped to ρ ± {k:g}σ", PriorClippedChoice(task_policy, prior, k)) for k in args.prior_clip]
         for name, policy in variants:
-            success, _, distance = oc.evaluate(envs, layout, policy, primitive_policy, c, args.episodes,
-                                               saved["seed"] + 10_000, low, high)
+            success, _, distance = evaluate(envs, layout, oc.HierarchicalPolicy(policy, primitive_policy, c),
+                                            args.episodes, saved["seed"] + 10_000, low, high)
             print(f"  2. {name:<18} success {success:.2f}, closest distance to the goal {distance:.2f}")
         maze = envs.envs[0].unwrapped.maze
         envs.close()

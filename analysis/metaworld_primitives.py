@@ -21,6 +21,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import opal_vae as ov  # noqa: E402
+from opal_utils import load_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -56,7 +57,7 @@ def success_rate(env, prior, primitive_policy, c: int, episodes: int, sample: bo
 
 def main(args: Args):
     import metaworld  # noqa: F401
-    vae = ov.load_checkpoint(args.vae_ckpt, "opal_vae")
+    vae = load_checkpoint(args.vae_ckpt, "opal_vae")
     obs_dim, act_dim = vae["obs_dim"], vae["act_dim"]
     prior = ov.Prior(obs_dim, vae["latent_dim"], vae["hidden_dim"])
     prior.load_state_dict(vae["prior"])

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import opal_cql as oc  # noqa: E402
+from opal_utils import flatten_observation, policies_from_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Args:
 def rollout_paths(path, episodes):
     payload = torch.load(path, map_location="cpu", weights_only=True)
     saved = payload["args"]
-    policy, primitive_policy = oc.policies_from_checkpoint(payload)
+    policy, primitive_policy = policies_from_checkpoint(payload, oc.TanhGaussianPolicy, oc.PrimitivePolicy)
     env = minari.load_dataset(payload["dataset_id"]).recover_environment(eval_env=True)
     low, high = np.array(payload["act_low"]), np.array(payload["act_high"])
     paths = []
@@ -43,13 +44,13 @@ def rollout_paths(path, episodes):
         obs, _ = env.reset(seed=saved["seed"] + 10_000 + episode)
         xy, done = [obs["achieved_goal"]], False
         while not done:
-            state = torch.as_tensor(oc.flatten_observation(obs, payload["obs_layout"]))[None]
+            state = torch.as_tensor(flatten_observation(obs, payload["obs_layout"]))[None]
             choice, _ = policy(state, deterministic=True)
             for _ in range(payload["c"]):
                 action = choice if primitive_policy is None else primitive_policy(state, choice)[0]
                 obs, _, terminated, truncated, _ = env.step(np.clip(action[0].numpy(), low, high))
                 xy.append(obs["achieved_goal"])
-                state = torch.as_tensor(oc.flatten_observation(obs, payload["obs_layout"]))[None]
+                state = torch.as_tensor(flatten_observation(obs, payload["obs_layout"]))[None]
                 done = terminated or truncated
                 if done:
                     break

@@ -24,6 +24,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import opal_online_sac as osac  # noqa: E402
+from opal_utils import load_minari_dataset, observation_layout  # noqa: E402
 
 
 @dataclass
@@ -105,8 +106,8 @@ if __name__ == "__main__":
     if args.device.startswith("cuda"):
         print(torch.cuda.get_device_name(args.device))
     if args.collection:
-        dataset = osac.load_minari_dataset(args.dataset_id)
-        layout = osac.observation_layout(dataset)
+        dataset = load_minari_dataset(args.dataset_id)
+        layout = observation_layout(dataset)
         print("\ncollection, environment steps/s (untrained networks acting; no updates)")
         print("| mode | 1 env | 4 envs | 10 envs |\n|---|---|---|---|")
         for mode, c in (("SAC+OPAL (c = 10, z of dim 8)", 10), ("SAC (raw actions)", 1)):

@@ -33,6 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import opal_cql as oc  # noqa: E402
 import opal_vae as ov  # noqa: E402
+from opal_utils import (  # noqa: E402
+    GraphedUpdate, evaluate, load_flat_dataset, load_minari_dataset, observation_layout, resolve_dataset_id
+)
 
 
 @dataclass
@@ -108,7 +111,7 @@ def vae_update(data, starts, obs_dim, act_dim, batch_size, fused, bf16, compiled
         optimizer.step()
         return loss
 
-    gradient_step = ov.GraphedUpdate(gradient_step, [encoder, prior, policy], [], [optimizer], graphed)
+    gradient_step = GraphedUpdate(gradient_step, [encoder, prior, policy], [], [optimizer], graphed)
 
     def step():
         rows = starts[torch.randint(len(starts), (batch_size,), generator=generator, device=device)][:, None] + offsets
@@ -140,12 +143,12 @@ def cql_update(obs_dim, choice_dim, hidden, critic_layers, policy_layers, bf16, 
 
 
 def evaluation_rate(num_envs, episodes=10, env_id="PointMaze_Large-v3"):
-    """env-steps/s of opal_cql.evaluate (policy included) over `episodes` episodes of 800 steps, raw actions."""
+    """env-steps/s of opal_utils.evaluate (policy included) over `episodes` episodes of 800 steps, raw actions."""
     make = lambda: gym.make(env_id, continuing_task=True, reset_target=False)
     envs = gym.vector.SyncVectorEnv([make for _ in range(num_envs)])
     policy = oc.TanhGaussianPolicy(4, 2, -torch.ones(2), torch.ones(2), 128, 3)
     start = time.perf_counter()
-    oc.evaluate(envs, ["observation"], policy, None, 1, episodes, 0, -np.ones(2), np.ones(2))
+    evaluate(envs, ["observation"], oc.HierarchicalPolicy(policy, None, 1), episodes, 0, -np.ones(2), np.ones(2))
     seconds = time.perf_counter() - start
     envs.close()
     return episodes * 800 / seconds
@@ -192,8 +195,8 @@ if __name__ == "__main__":
     header = (f"{'update':<40} {'variant':<26} {'steps/s':>8} {'samples/s':>10} {'GFLOP':>8} {'of peak':>10} "
               f"{'vs fp32':>8}")
 
-    dataset = ov.load_minari_dataset(ov.resolve_dataset_id(args.env, None))
-    data = ov.load_flat_dataset(dataset, ov.observation_layout(dataset), device)
+    dataset = load_minari_dataset(resolve_dataset_id(args.env, None))
+    data = load_flat_dataset(dataset, observation_layout(dataset), device)
     starts = ov.window_starts(data["episode_lengths"], 10).to(device)
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     print("\nβ-VAE update (paper model), samples = windows of c = 10 steps; GFLOP per step, forward + backward")
@@ -231,7 +234,7 @@ if __name__ == "__main__":
 
     if not args.evaluation:
         sys.exit(0)
-    print("\nevaluation (opal_cql.evaluate, policy 3x128), PointMaze_Large-v3, 10 episodes of 800 steps:")
+    print("\nevaluation (opal_utils.evaluate, policy 3x128), PointMaze_Large-v3, 10 episodes of 800 steps:")
     single = evaluation_rate(1)
     vectorised = evaluation_rate(10)
     print(f"   1 env:               {single:>8,.0f} env-steps/s")

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_speed  # noqa: E402
 import opal_vae as ov  # noqa: E402
+from opal_utils import load_flat_dataset, load_minari_dataset, observation_layout, resolve_dataset_id  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm")
 
@@ -38,8 +39,8 @@ class Args:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_flush_denormal(True)
-    dataset = ov.load_minari_dataset(ov.resolve_dataset_id("pointmaze-large", None))
-    data = ov.load_flat_dataset(dataset, ov.observation_layout(dataset), torch.device("cpu"))
+    dataset = load_minari_dataset(resolve_dataset_id("pointmaze-large", None))
+    data = load_flat_dataset(dataset, observation_layout(dataset), torch.device("cpu"))
     starts = ov.window_starts(data["episode_lengths"], 10)
     step = bench_speed.vae_update(data, starts, data["observations"].shape[1], data["actions"].shape[1],
                                   args.batch_size, True, args.bf16, args.compile)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("opal_vae.py", "opal_cql.py", "opal_fewshot_il.py", "opal_online_sac.py", "opal_mt_transfer.py",
+SCRIPTS = ("opal_utils.py", "opal_vae.py", "opal_cql.py", "opal_fewshot_il.py", "opal_online_sac.py", "opal_mt_transfer.py",
            "collect_data.py")
 
 # (name, original text, mutated text): the original must occur once in each script it occurs in
@@ -178,9 +178,9 @@ MUTANTS = [
     ("cql-next-proposals-at-s", "from_next, log_mu_next = self.task_policy(s_next_n)", "from_next, log_mu_next = self.task_policy(s_n)"),
     ("cql-uniform-density-sign", "self.log_uniform_density = -(choice_high - choice_low).log().sum()",
      "self.log_uniform_density = (choice_high - choice_low).log().sum()"),
-    ("cql-no-uniform-importance", "(q_uniform - self.log_uniform_density).view(2, B, n)", "q_uniform.view(2, B, n)"),
-    ("cql-no-policy-importance", "(q_policy - log_mu_policy).view(2, B, n)", "q_policy.view(2, B, n)"),
-    ("cql-no-next-importance", "(q_next - log_mu_next).view(2, B, n)", "q_next.view(2, B, n)"),
+    ("cql-no-uniform-importance", "(q_uniform - self.log_uniform_density).view(E, B, n)", "q_uniform.view(E, B, n)"),
+    ("cql-no-policy-importance", "(q_policy - log_mu_policy).view(E, B, n)", "q_policy.view(E, B, n)"),
+    ("cql-no-next-importance", "(q_next - log_mu_next).view(E, B, n)", "q_next.view(E, B, n)"),
     ("cql-max-not-logsumexp", "gap = (torch.logsumexp(weighted, -1) - q_data).mean(1)", "gap = (weighted.max(-1).values - q_data).mean(1)"),
     ("cql-gap-without-data-q", "gap = (torch.logsumexp(weighted, -1) - q_data).mean(1)", "gap = torch.logsumexp(weighted, -1).mean(1)"),
     ("cql-td-without-half", "td_loss = 0.5 * ((q_data - target) ** 2).mean(1).sum()", "td_loss = ((q_data - target) ** 2).mean(1).sum()"),
@@ -214,11 +214,12 @@ MUTANTS = [
     ("eval-success-after-the-end", 'dtype=bool) & running\n', 'dtype=bool)\n'),
     ("eval-closest-after-the-end", "closest = np.where(running, np.fmin(closest, distance), closest)",
      "closest = np.fmin(closest, distance)"),
-    ("eval-choice-every-step", "            for _ in range(c):\n                action = choice",
-     "            for _ in range(1):\n                action = choice"),
-    ("eval-stale-state-for-primitive", "                    break\n                states = torch.as_tensor(",
-     "                    break\n                _ = torch.as_tensor("),
-    ("eval-no-action-clip", "envs.step(np.clip(action.cpu().numpy(), act_low, act_high))", "envs.step(action.cpu().numpy())"),
+    ("eval-choice-every-step", "        if t % self.c == 0:  # a new high-level decision", "        if True:"),
+    ("eval-stale-state-for-primitive",  # the primitive reads the state of the decision, not the current one
+     "deterministic=True)\n        action = self.choice if self.primitive_policy is None else self.primitive_policy(states,",
+     "deterministic=True)\n            self.decided_at = states\n"
+     "        action = self.choice if self.primitive_policy is None else self.primitive_policy(self.decided_at,"),
+    ("eval-no-action-clip", "envs.step(np.clip(action, act_low, act_high))", "envs.step(action)"),
     ("eval-extra-episodes-counted", "return (float(np.mean(successes[:episodes])), float(np.mean(returns[:episodes])),",
      "return (float(np.mean(successes)), float(np.mean(returns)),"),
     ("eval-score-not-percent", "return 100.0 * success_rate", "return success_rate"),

@@ -7,14 +7,13 @@ the replayed updates of opal_cql.py, opal_online_sac.py and opal_vae.py are comp
 steps, across a switch of branch, after loading a checkpoint, and the checkpoints they write load on a CPU.
 """
 
-import copy
-
 import pytest
 import torch
 
 import opal_cql as oc
 import opal_online_sac as osac
 import opal_vae as ov
+from opal_utils import GraphedUpdate, bf16_probe, use_bf16
 
 OBS, CHOICE, B = 5, 3, 32
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -78,7 +77,7 @@ def test_on_a_cpu_the_update_runs_eagerly():
     assert not agent.graphed_step.enabled
     assert not sac_agent(cudagraph=True).graphed_step.enabled
     calls = []
-    graphed = oc.GraphedUpdate(lambda x, flag: calls.append(flag) or {"x": x * 2}, [], [], [], enabled=False)
+    graphed = GraphedUpdate(lambda x, flag: calls.append(flag) or {"x": x * 2}, [], [], [], enabled=False)
     assert torch.equal(graphed(torch.ones(2), True)["x"], torch.full((2,), 2.0)) and calls == [True]
 
 
@@ -193,7 +192,7 @@ def test_vae_step_replayed_as_a_graph_takes_the_eager_steps():
             optimizer.step()
             return {"loss": loss, "nll": nll, "kl": kl}
 
-        return ov.GraphedUpdate(vae_step, modules, [], [optimizer], graphed), modules
+        return GraphedUpdate(vae_step, modules, [], [optimizer], graphed), modules
 
     (graphed, graphed_modules), (eager, eager_modules) = make(True), make(False)
     generator = torch.Generator().manual_seed(3)
@@ -210,7 +209,7 @@ def test_vae_step_replayed_as_a_graph_takes_the_eager_steps():
 @cuda
 def test_bf16_probe_times_a_graph_on_a_gpu():
     layer = torch.nn.Linear(64, 64).cuda()
-    fp32, bf16 = ov.bf16_probe(lambda: layer(torch.randn(256, 64, device="cuda")).sum(), torch.device("cuda"),
+    fp32, bf16 = bf16_probe(lambda: layer(torch.randn(256, 64, device="cuda")).sum(), torch.device("cuda"),
                                repeats=2, graphed=True)
     assert fp32 > 0 and bf16 > 0 and layer.weight.grad is not None
 
@@ -220,10 +219,10 @@ def test_bf16_on_cuda_is_decided_by_the_probe(monkeypatch, capsys):
     gpu, seen = torch.device("cuda"), []
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     probe = lambda fp32, bf16: (lambda work, device, graphed: seen.append((device, graphed)) or (fp32, bf16))
-    assert oc.use_bf16(True, gpu, "work", probe=probe(1.0, 0.5), graphed=True)
+    assert use_bf16(True, gpu, "work", probe=probe(1.0, 0.5), graphed=True)
     assert "on this GPU" in capsys.readouterr().out
-    assert not oc.use_bf16(True, gpu, "work", probe=probe(1.0, 0.9))
+    assert not use_bf16(True, gpu, "work", probe=probe(1.0, 0.9))
     assert seen == [(gpu, True), (gpu, False)]
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert not oc.use_bf16(True, gpu, "work", probe=probe(1.0, 0.1))
+    assert not use_bf16(True, gpu, "work", probe=probe(1.0, 0.1))
     assert "this GPU has no bf16" in capsys.readouterr().out and len(seen) == 2

@@ -1,5 +1,6 @@
-"""The shared evaluation block on scripted fake environments: z held for c steps, the primitive policy reading the
-current state, actions clipped, and success, return and closest approach counted only until each episode ends."""
+"""Evaluation on scripted fake environments: the scripts' test-time execution (`HierarchicalPolicy`, shared block
+execution) holding z for c steps with the primitive policy reading the current state, and `opal_utils.evaluate`
+clipping the actions and counting success, return and closest approach only until each episode ends."""
 
 from types import SimpleNamespace
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import opal_cql as oc
+from opal_utils import evaluate, normalized_score
 
 
 class ScriptedEnvs:
@@ -62,9 +64,9 @@ class StepAdder(torch.nn.Module):
 
 def test_evaluate_holds_z_for_c_steps_and_counts_only_until_the_end():
     envs = ScriptedEnvs()
-    success, mean_return, closest = oc.evaluate(envs, ["observation"], StepReader(), StepAdder(),
-                                                c=3, episodes=3, seed=100, act_low=np.array([-1.0]),
-                                                act_high=np.array([5.5]))
+    policy = oc.HierarchicalPolicy(StepReader(), StepAdder(), c=3)
+    success, mean_return, closest = evaluate(envs, ["observation"], policy, episodes=3, seed=100,
+                                             act_low=np.array([-1.0]), act_high=np.array([5.5]))
     # z chosen at t = 0, 3, 6 and held; the action at step t is z + t/100, clipped at 5.5
     assert envs.log[0][:5] == pytest.approx([0.0, 0.01, 0.02, 3.03, 3.04])
     assert envs.log[1][:7] == pytest.approx([0.0, 0.01, 0.02, 3.03, 3.04, 3.05, 5.5])
@@ -78,8 +80,8 @@ def test_evaluate_holds_z_for_c_steps_and_counts_only_until_the_end():
 
 def test_evaluate_without_primitives_acts_the_choice_each_step():
     envs = ScriptedEnvs()
-    success, mean_return, _ = oc.evaluate(envs, ["observation"], StepReader(), None, c=1, episodes=2, seed=100,
-                                          act_low=np.array([-1.0]), act_high=np.array([5.5]))
+    success, mean_return, _ = evaluate(envs, ["observation"], oc.HierarchicalPolicy(StepReader(), None, c=1),
+                                       episodes=2, seed=100, act_low=np.array([-1.0]), act_high=np.array([5.5]))
     assert envs.log[0][:5] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert envs.log[1][:7] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 5.5]
     assert success == 0.5 and mean_return == 6.0
@@ -87,4 +89,4 @@ def test_evaluate_without_primitives_acts_the_choice_each_step():
 
 def test_normalized_score_of_a_maze_is_the_success_percentage():
     maze_env = SimpleNamespace(unwrapped=SimpleNamespace(maze=object()))
-    assert oc.normalized_score(None, maze_env, 0.37, 123.0) == pytest.approx(37.0)
+    assert normalized_score(None, maze_env, 0.37, 123.0) == pytest.approx(37.0)

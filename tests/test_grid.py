@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 import grid as gr  # noqa: E402
 import opal_cql as oc  # noqa: E402
+from opal_utils import save_checkpoint  # noqa: E402
 from conftest import run_script  # noqa: E402
 
 TINY_VAE = "--num-steps 20 --bc-steps 5 --hidden-dim 32 --gru-layers 1 --batch-size 16 --picture-latents 1"
@@ -114,7 +115,7 @@ def fake_cql_run(folder: Path, exp_name: str, seed: int, finished: bool, **args)
     run_dir = folder / f"{exp_name}__pointmaze-large__{seed}__0"
     run_dir.mkdir(parents=True)
     saved = {**{key: value for key, value in vars(oc.Args(primitives="none")).items()}, "exp_name": exp_name, **args}
-    oc.save_checkpoint(run_dir / "opal_cql.pt", {
+    save_checkpoint(run_dir / "opal_cql.pt", {
         "script": "opal_cql", "finished": finished, "seed": seed, "dataset_id": "opal/pointmaze-large-diverse-v0",
         "args": saved, "primitives": "none", "summary": {"last_normalized_score": 10.0 * seed,
                                                           "best_normalized_score": 50.0, "sps": 5.0}})
@@ -181,7 +182,7 @@ def test_the_report_by_hand_and_from_the_records_file_alone(tmp_path, capsys):
         run_dir = fake_cql_run(Path(run["dir"]), "raw", run["seed"], True)
         saved = torch.load(run_dir / "opal_cql.pt", weights_only=True)
         saved["summary"].update(last_normalized_score=final, last_closest_goal_distance=1.5)
-        oc.save_checkpoint(run_dir / "opal_cql.pt", saved)
+        save_checkpoint(run_dir / "opal_cql.pt", saved)
     fake_cql_run(Path(grid["runs"][0]["dir"]) / "older", "raw", 1, False)  # an unfinished attempt is not a run
     row = [line for line in gr.report(grid).splitlines() if line.startswith("| opal/")]
     cells = [cell.strip() for cell in row[0].strip("|").split("|")]

@@ -11,6 +11,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import opal_cql as oc
 from conftest import assert_refused, run_script
+from opal_utils import (
+    CHECKPOINT_FORMAT_VERSION, Loop, load_checkpoint, load_upstream, policies_from_checkpoint, resolve_dataset_id,
+    save_checkpoint
+)
 
 TINY = ["--hidden-dim", 32, "--critic-layers", 2, "--policy-layers", 2, "--batch-size", 32, "--cql-n-actions", 3,
         "--total-steps", 30, "--log-every", 10, "--eval-every", 20, "--eval-episodes", 2, "--eval-episodes-during", 2,
@@ -168,14 +172,14 @@ def test_cql_runs_end_to_end(sandbox, datasets, vae_checkpoints, family, primiti
     q_values = scalars(run_dir, "losses/q_data")
     assert len(q_values) == 3 and all(np.isfinite(q_values))
     assert len(scalars(run_dir, "eval/normalized_score")) == 2
-    payload = oc.load_checkpoint(checkpoint_path, "opal_cql")
+    payload = load_checkpoint(checkpoint_path, "opal_cql")
     # all 30 updates happened: Adam counted them, and the critics left their targets (a copy at the start)
     for name in ("critic_optimizer", "policy_optimizer"):
         assert {int(state["step"]) for state in payload[name]["state"].values()} == {30}
     assert any(not torch.equal(payload["critics"][k], payload["target_critics"][k]) for k in payload["critics"])
     assert payload["primitives"] == primitives and payload["c"] == (10 if primitives == "opal" else 1)
     # the checkpoint alone can act: rebuild the task policy (and primitive policy) and roll out one step
-    policy, primitive_policy = oc.policies_from_checkpoint(payload)
+    policy, primitive_policy = policies_from_checkpoint(payload, oc.TanhGaussianPolicy, oc.PrimitivePolicy)
     choice, _ = policy(torch.zeros(1, payload["obs_dim"]), deterministic=True)
     if primitives == "opal":
         assert primitive_policy(torch.zeros(1, payload["obs_dim"]), choice)[0].shape == (1, payload["act_dim"])
@@ -196,7 +200,7 @@ def test_cql_refuses_bad_checkpoint_files(sandbox, datasets, vae_checkpoints, tm
     assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", truncated), "truncated")
     assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"]), "--primitives opal needs --vae-ckpt")
     other_script = tmp_path / "opal_cql.pt"
-    oc.save_checkpoint(other_script, {"script": "opal_cql", "dataset_id": datasets["pointmaze"]})
+    save_checkpoint(other_script, {"script": "opal_cql", "dataset_id": datasets["pointmaze"]})
     assert_refused(run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", other_script),
                    "written by opal_cql.py, but a opal_vae.py checkpoint is needed")
 
@@ -235,12 +239,12 @@ def test_cql_a_bad_number_on_the_command_line(sandbox):
 
 def test_cql_newer_checkpoint_format_is_refused(tmp_path):
     newer = tmp_path / "opal_vae.pt"
-    oc.save_checkpoint(newer, {"script": "opal_vae", "finished": True})
+    save_checkpoint(newer, {"script": "opal_vae", "finished": True})
     payload = torch.load(newer, weights_only=True)
-    payload["format_version"] = oc.CHECKPOINT_FORMAT_VERSION + 1
+    payload["format_version"] = CHECKPOINT_FORMAT_VERSION + 1
     torch.save(payload, newer)
     with pytest.raises(SystemExit, match="newer than this script"):
-        oc.load_upstream(newer, "opal_vae", False)
+        load_upstream(newer, "opal_vae", False)
 
 
 def test_cql_refuses_other_dims(sandbox, datasets, vae_checkpoints, tmp_path):
@@ -258,7 +262,7 @@ def test_cql_speed_flags_run(sandbox, datasets, vae_checkpoints, flag):
     run_dir = Path([l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1][12:]).parent
     assert all(np.isfinite(scalars(run_dir, "losses/td_loss")))
     saved = torch.load(run_dir / "opal_cql.pt", weights_only=True)
-    task_policy, primitive_policy = oc.policies_from_checkpoint(saved)
+    task_policy, primitive_policy = policies_from_checkpoint(saved, oc.TanhGaussianPolicy, oc.PrimitivePolicy)
     assert primitive_policy is not None  # the checkpoint's parameter names are the eager modules' (loads strictly)
     if flag == "--bf16":  # the probe's choice, printed, is the one the run saved and ran with
         config = json.loads((run_dir / "config.json").read_text())
@@ -293,7 +297,7 @@ def test_high_level_options_run(sandbox, datasets, vae_checkpoints):
                          "--prior-kl-weight", 0.1)
         assert result.returncode == 0, result.stderr[-3000:]
         path = Path([l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1][12:])
-        payload = oc.load_checkpoint(path, "opal_cql")
+        payload = load_checkpoint(path, "opal_cql")
         assert all(np.isfinite(scalars(path.parent, "losses/policy_loss")))
         boxes[bound] = torch.tensor(payload["choice_low"]), torch.tensor(payload["choice_high"])
     assert (boxes["std"][0] > boxes["minmax"][0]).all() and (boxes["std"][1] < boxes["minmax"][1]).all()
@@ -321,7 +325,7 @@ def test_defaults_are_the_papers_and_corls():
     budgets = {}
     for env, flags in (("antmaze-large-diverse", {}), ("pointmaze-large", {}), ("pointmaze-large", {"total_steps": 7})):
         args = oc.Args(primitives="none", env=env, **flags)
-        args.fill_budget(oc.resolve_dataset_id(args.env, args.dataset_id))
+        args.fill_budget(resolve_dataset_id(args.env, args.dataset_id))
         budgets[env, bool(flags)] = (args.total_steps, args.hidden_dim, args.critic_layers, args.eval_every)
     assert budgets == {("antmaze-large-diverse", False): (1_000_000, 256, 5, 166_666),
                        ("pointmaze-large", False): (30_000, 128, 3, 5_000), ("pointmaze-large", True): (7, 128, 3, 1)}
@@ -337,7 +341,7 @@ def test_a_signal_during_a_steps_logging_still_checkpoints_before_the_stop():
             stop_requested.append(15)
 
     args = SimpleNamespace(save_every=1000, log_every=1)
-    loop = oc.Loop("CQL", 1, 10, args, Writer(), {}, saved.append, Path("unused.pt"), stop_requested)
+    loop = Loop("CQL", 1, 10, args, Writer(), {}, saved.append, Path("unused.pt"), stop_requested)
     loop.start_time = 0.0
     loop.progress = SimpleNamespace(set_postfix=lambda *a, **k: None)
     loop.end_of_step(1, {"td_loss": torch.tensor(1.0)})  # the stop is seen at the next step, not half-way

@@ -11,6 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import opal_fewshot_il as fs
+from opal_utils import load_checkpoint, policies_from_checkpoint, save_checkpoint
 from conftest import assert_refused, corridor_dataset, run_script
 
 TINY = ["--policy-layers", 2, "--hidden-dim", 32, "--batch-size", 16, "--total-steps", 40, "--finetune-steps", 20,
@@ -118,7 +119,7 @@ def test_fewshot_runs_end_to_end(sandbox, datasets, vae_checkpoints, family, pri
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 20: normalized score" in result.stdout and "step 40: normalized score" in result.stdout
     path = checkpoint_of(result)
-    payload = fs.load_checkpoint(path, "opal_fewshot_il")
+    payload = load_checkpoint(path, "opal_fewshot_il")
     assert payload["finished"] and payload["primitives"] == primitives and payload["c"] == (10 if primitives == "opal" else 1)
     assert payload["demo_dataset_id"] == demo_id and len(payload["demo_episodes"]) == 2
     # all 40 imitation steps happened, and the likelihood rose
@@ -126,7 +127,7 @@ def test_fewshot_runs_end_to_end(sandbox, datasets, vae_checkpoints, family, pri
     policy_nll = scalars(path.parent, "losses/policy_nll")
     assert len(policy_nll) == 4 and policy_nll[-1] < policy_nll[0]
     assert len(scalars(path.parent, "eval/normalized_score")) == 2
-    task_policy, primitive_policy = fs.policies_from_checkpoint(payload)
+    task_policy, primitive_policy = policies_from_checkpoint(payload, fs.TanhGaussianPolicy, fs.PrimitivePolicy)
     choice, _ = task_policy(torch.zeros(1, payload["obs_dim"]), deterministic=True)
     if primitives == "opal":  # the primitive policy was fine-tuned on the demonstrations: 20 steps, it moved
         vae = torch.load(vae_checkpoints[family], weights_only=True)
@@ -170,7 +171,7 @@ def test_demonstrations_from_a_policy(sandbox, tmp_path):
     east = fs.TanhGaussianPolicy(4, 2, -torch.ones(2), torch.ones(2), 8, 1)
     constant_output(east, [1.5, 0.0, -5.0, -5.0])  # action (tanh 1.5, 0) ≈ (0.905, 0)
     policy_path = tmp_path / "opal_cql.pt"
-    fs.save_checkpoint(policy_path, {
+    save_checkpoint(policy_path, {
         "script": "opal_cql", "dataset_id": "test/corridor-random-v0", "obs_layout": ["observation"], "obs_dim": 4,
         "act_dim": 2, "primitives": "none", "c": 1, "choice_dim": 2, "choice_low": [-1.0, -1.0],
         "choice_high": [1.0, 1.0], "policy_hidden_dim": 8, "policy_layers": 1, "task_policy": east.state_dict(),

@@ -3,7 +3,6 @@ user runs it, on tiny datasets made here, offline: training, checkpoint, refusal
 
 import json
 import math
-import os
 from pathlib import Path
 
 import minari
@@ -13,6 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import opal_vae as ov
+from opal_utils import load_checkpoint
 from conftest import ROOT, run_script
 
 # --- the slicer ---
@@ -226,118 +226,6 @@ def test_written_out_gru_equals_nn_gru(layers, in_dim, hidden):
         assert torch.allclose(grad, grad_reference, atol=1e-12)
 
 
-# --- the checkpoint contract ---
-def payload():
-    return {"script": "opal_vae", "dataset_id": "opal/pointmaze-large-diverse-v0", "obs_dim": 4, "act_dim": 2,
-            "c": 10, "latent_dim": 8, "prior": ov.Prior(4, 8, 16).state_dict(), "args": {"seed": 1, "x": None}}
-
-
-def test_bf16_only_where_a_probe_measures_it_faster(capsys):
-    """The choice follows the probe's timings (injected here: none is measured): on from 1.25x fp32's speed, never
-    probed when not asked for or when resuming (the run keeps the choice it started with), off where unmeasured."""
-    cpu, calls = torch.device("cpu"), []
-
-    def probe(fp32, bf16):
-        return lambda work, device, graphed: calls.append(work) or (fp32, bf16)
-
-    for fp32, bf16, expected in [(1.0, 0.5, True), (1.0, 0.8, True), (1.0, 0.81, False), (1.0, 1.6, False)]:
-        assert ov.use_bf16(True, cpu, "work", probe=probe(fp32, bf16)) == expected
-        assert f"bf16 autocast {'on' if expected else 'off'}: a probe measured bf16 at {fp32 / bf16:.2f}x" in \
-            capsys.readouterr().out
-    assert calls == ["work"] * 4
-    for requested in (False, True):
-        assert ov.use_bf16(requested, cpu, "work", resumed=True, probe=probe(1.0, 0.1)) == requested
-    assert not ov.use_bf16(False, cpu, "work", probe=probe(1.0, 0.1))
-    assert calls == ["work"] * 4  # neither a resumed run nor --no-bf16 probes
-    assert not ov.use_bf16(True, torch.device("meta"), "work", probe=probe(1.0, 0.1))
-    assert "not measured on meta" in capsys.readouterr().out
-
-
-def test_bf16_probe_times_both_precisions_and_keeps_the_runs_random_numbers():
-    layer = torch.nn.Linear(8, 8)
-    autocast = []
-
-    def work():  # draws random numbers, as the β-VAE loss does
-        autocast.append(torch.is_autocast_cpu_enabled())
-        return layer(torch.randn(4, 8)).sum()
-
-    torch.manual_seed(0)
-    expected_next = torch.rand(3)
-    torch.manual_seed(0)
-    fp32, bf16 = ov.bf16_probe(work, torch.device("cpu"), repeats=2)
-    assert torch.equal(torch.rand(3), expected_next)  # the run's random numbers are as its seed set them
-    assert autocast == [False, True] * 3 and fp32 > 0 and bf16 > 0  # a warm-up and 2 timed passes each, in turns
-    assert layer.weight.grad is not None  # the backward pass ran (and is timed)
-
-
-def test_checkpoint_round_trip(tmp_path):
-    path = tmp_path / "opal_vae.pt"
-    ov.save_checkpoint(path, payload())
-    assert os.listdir(tmp_path) == ["opal_vae.pt"]  # no temporary file left behind
-    loaded = ov.load_checkpoint(path, "opal_vae")
-    assert loaded["format_version"] == ov.CHECKPOINT_FORMAT_VERSION and loaded["versions"]["torch"] == torch.__version__
-    saved = payload()
-    ov.save_checkpoint(path, saved)
-    prior = ov.Prior(4, 8, 16)
-    prior.load_state_dict(ov.load_checkpoint(path, "opal_vae")["prior"])  # strict: every key present
-    assert torch.equal(prior.net[0].weight, saved["prior"]["net.0.weight"])
-    ov.check_checkpoint(loaded, path, obs_dim=4, c=10, dataset_id="opal/pointmaze-large-diverse-v0")
-    assert ov.load_checkpoint(tmp_path, "opal_vae")["c"] == 10  # a run directory works too
-
-
-def test_checkpoint_refuses_a_mismatch(tmp_path):
-    path = tmp_path / "opal_vae.pt"
-    ov.save_checkpoint(path, payload())
-    loaded = ov.load_checkpoint(path, "opal_vae")
-    with pytest.raises(SystemExit, match="its c is 10, this run has 5"):
-        ov.check_checkpoint(loaded, path, obs_dim=4, c=5)
-    with pytest.raises(SystemExit, match="its dataset_id is 'opal/pointmaze-large-diverse-v0'"):
-        ov.check_checkpoint(loaded, path, dataset_id="D4RL/antmaze/large-diverse-v1")
-    with pytest.raises(SystemExit, match="written by opal_vae.py, but a opal_cql.py checkpoint"):
-        ov.load_checkpoint(path, "opal_cql")
-
-
-def test_checkpoint_refuses_bad_files(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
-        ov.load_checkpoint(tmp_path / "missing.pt", "opal_vae")
-    good = tmp_path / "good.pt"
-    ov.save_checkpoint(good, payload())
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(SystemExit, match="truncated, corrupted or not a torch file"):
-        ov.load_checkpoint(truncated, "opal_vae")
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(SystemExit, match="a torch file but not an OPAL checkpoint"):
-        ov.load_checkpoint(foreign, "opal_vae")
-    pickled = tmp_path / "pickled.pt"
-    torch.save({"format": "opal", "anything": Fixed([0.0], [0.0], 1)}, pickled)
-    with pytest.raises(SystemExit, match="holds Python objects besides tensors"):
-        ov.load_checkpoint(pickled, "opal_vae")
-    newer = tmp_path / "newer.pt"
-    ov.save_checkpoint(newer, payload())
-    content = torch.load(newer, weights_only=True)
-    content["format_version"] = ov.CHECKPOINT_FORMAT_VERSION + 1
-    torch.save(content, newer)
-    with pytest.raises(SystemExit, match="newer than this script"):
-        ov.load_checkpoint(newer, "opal_vae")
-
-
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
-    path = tmp_path / "opal_vae.pt"
-    ov.save_checkpoint(path, payload())
-    before = path.read_bytes()
-    with pytest.raises(Exception):
-        ov.save_checkpoint(path, {**payload(), "unpicklable": lambda: None})
-    assert path.read_bytes() == before and os.listdir(tmp_path) == ["opal_vae.pt"]
-
-
-def test_unknown_alias_lists_the_valid_ones():
-    with pytest.raises(SystemExit, match="unknown --env 'antmaze-hard'.*antmaze-large-diverse.*pointmaze-large"):
-        ov.resolve_dataset_id("antmaze-hard", None)
-    assert ov.resolve_dataset_id("antmaze-hard", "x/y-v0") == "x/y-v0"
-
-
 # --- end to end ---
 TINY = ["--hidden-dim", 32, "--gru-layers", 2, "--batch-size", 32, "--log-every", 5, "--picture-latents", 2]
 
@@ -463,7 +351,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sandbox, datas
                      "--save-every", 1, "--log-every", 1, expect_success=False)
     assert_clean_failure(result, "became nan" if "became nan" in result.stderr else "became inf", "stopped")
     run_dir = Path(sorted((sandbox["base"] / "runs").glob("*"), key=lambda p: p.stat().st_mtime)[-1])
-    payload = ov.load_checkpoint(run_dir, "opal_vae")
+    payload = load_checkpoint(run_dir, "opal_vae")
     assert all(torch.isfinite(v).all() for v in payload["encoder"].values())
     assert math.isfinite(payload["summary"]["vae_loss"])
 
