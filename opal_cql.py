@@ -38,8 +38,7 @@ import tyro
 from opal_utils import (
     Evaluator, GraphedUpdate, Loop, agent_state_dict, check_checkpoint, dataset_fields, evaluation_env, fail,
     load_agent_state_dict, load_dataset, load_upstream, open_run, print_summary, random_state, resolve_dataset_id,
-    restore_random_state, resumed_args, save_checkpoint, setup_torch, stop_if_not_finite_module, stop_signals,
-    use_bf16
+    resume_progress, resumed_args, save_checkpoint, setup_torch, stop_if_not_finite_module, stop_signals, use_bf16
 )
 
 
@@ -126,7 +125,7 @@ class Args:
     critic_lr: float = 3e-4
     """Adam learning rate of the critics (CORL)"""
     hidden_dim: Optional[int] = None
-    """width of the task policy's and critics' hidden layers; default 256 for D4RL aliases (CORL), 128 otherwise (ours)"""
+    """width of the task policy's and critics' hidden layers; default 256 on D4RL aliases (CORL), else 128 (ours)"""
     policy_layers: int = 3
     """hidden layers of the task policy (CORL)"""
     critic_layers: Optional[int] = None
@@ -527,13 +526,8 @@ class CQL:
         loss.backward()
         optimizer.step()
 
-    CHECKPOINTED = ("task_policy", "critics", "target_critics"), ("log_alpha", "log_alpha_prime")  # and optimisers
-
-    def state_dict(self) -> dict:
-        return agent_state_dict(self, *self.CHECKPOINTED)
-
-    def load_state_dict(self, saved: dict):
-        load_agent_state_dict(self, saved, *self.CHECKPOINTED)
+    # what a checkpoint holds (opal_utils.agent_state_dict): these modules and tensors, and the optimisers
+    CHECKPOINTED = ("task_policy", "critics", "target_critics"), ("log_alpha", "log_alpha_prime")
 
 
 # --- shared: execution ---
@@ -610,9 +604,8 @@ if __name__ == "__main__":
     sampler = torch.Generator(device=device).manual_seed(args.seed)
     checkpoint_path, summary, first_step = run_dir / "opal_cql.pt", {}, 1
     if resumed is not None:  # networks, optimisers, temperatures, step counter and random number generators
-        agent.load_state_dict(resumed)
-        restore_random_state(resumed["rng"], sampler)
-        summary, first_step = dict(resumed["summary"]), resumed["step"] + 1
+        load_agent_state_dict(agent, resumed, *agent.CHECKPOINTED)
+        summary, first_step = resume_progress(resumed, sampler)
 
     def checkpoint(step: int, finished: bool = False):
         stop_if_not_finite_module(f"CQL step {step}", checkpoint_path, writer, task_policy=agent.task_policy,
@@ -624,8 +617,9 @@ if __name__ == "__main__":
             "vae_ckpt": args.vae_ckpt if vae else None, "latent_dim": vae["latent_dim"] if vae else None,
             "hidden_dim": vae["hidden_dim"] if vae else None,
             "primitive_policy": primitive_policy.state_dict() if vae else None,
-            "policy_hidden_dim": args.hidden_dim, "policy_layers": args.policy_layers, **agent.state_dict(),
-            "step": step, "finished": finished, "summary": dict(summary), "rng": random_state(sampler)})
+            "policy_hidden_dim": args.hidden_dim, "policy_layers": args.policy_layers,
+            **agent_state_dict(agent, *agent.CHECKPOINTED), "step": step, "finished": finished,
+            "summary": dict(summary), "rng": random_state(sampler)})
 
     # CQL on the relabelled transitions, evaluating the task policy with its primitives every --eval-every steps
     evaluator = Evaluator(dataset, layout, args.num_envs, writer, summary)

@@ -40,7 +40,7 @@ import tyro
 from opal_utils import (
     Evaluator, Loop, check_checkpoint, dataset_fields, evaluation_env, fail, flatten_observation, load_checkpoint,
     load_flat_dataset, load_minari_dataset, load_upstream, observation_layout, open_run, policies_from_checkpoint,
-    print_summary, random_state, resolve_dataset_id, restore_random_state, resumed_args, save_checkpoint, setup_torch,
+    print_summary, random_state, resolve_dataset_id, resume_progress, resumed_args, save_checkpoint, setup_torch,
     stop_if_not_finite_module, stop_signals, use_bf16
 )
 
@@ -488,8 +488,7 @@ if __name__ == "__main__":
         if primitive_policy is not None:
             primitive_policy.load_state_dict(resumed["primitive_policy"])
             finetune_optimizer.load_state_dict(resumed["finetune_optimizer"])
-        restore_random_state(resumed["rng"], sampler)
-        summary, phase, first_step = dict(resumed["summary"]), resumed["phase"], resumed["step"] + 1
+        (summary, first_step), phase = resume_progress(resumed, sampler), resumed["phase"]
 
     def checkpoint(phase: str, step: int):
         modules = {"task_policy": task_policy, **({"primitive_policy": primitive_policy} if vae is not None else {})}

@@ -41,7 +41,7 @@ import tyro
 
 from opal_utils import (
     Loop, MetaWorldEvaluator, environment_rngs, fail, load_dataset, load_upstream, make_benchmark, open_run,
-    print_summary, random_state, record_video, restore_environment_rngs, restore_random_state, resumed_args,
+    print_summary, random_state, record_video, restore_environment_rngs, resume_progress, resumed_args,
     save_checkpoint, setup_torch, stop_if_not_finite_module, stop_signals, task_names
 )
 
@@ -586,8 +586,7 @@ if __name__ == "__main__":
             module.load_state_dict(resumed[key])
         restore_environment_rngs(envs, resumed["envs"])
         restore_environment_rngs(eval_envs, resumed["eval_envs"])
-        restore_random_state(resumed["rng"])
-        summary, first_step = dict(resumed["summary"]), resumed["step"] + 1
+        summary, first_step = resume_progress(resumed)
 
     def checkpoint(step: int, finished: bool = False):
         stop_if_not_finite_module(f"PPO step {step}", checkpoint_path, writer, agent=agent)

@@ -41,7 +41,7 @@ import tyro
 from opal_utils import (
     Evaluator, GraphedUpdate, Loop, ReplayBuffer, TrainingEnvs, agent_state_dict, check_checkpoint, dataset_fields,
     fail, load_agent_state_dict, load_dataset, load_upstream, open_run, print_summary, random_state,
-    resolve_dataset_id, restore_random_state, resumed_args, save_checkpoint, setup_torch, stop_if_not_finite_module,
+    resolve_dataset_id, resume_progress, resumed_args, save_checkpoint, setup_torch, stop_if_not_finite_module,
     stop_signals, use_bf16
 )
 
@@ -97,7 +97,7 @@ class Args:
     num_envs: int = 4
     """parallel training environments that collect experience (gymnasium.vector.SyncVectorEnv)"""
     resume: Optional[str] = None
-    """continue an interrupted run from its opal_online_sac.pt (or run directory), with its saved arguments and buffer"""
+    """continue an interrupted run from its opal_online_sac.pt (or run directory), with its arguments and buffer"""
 
     # The task
     dense_reward: bool = False
@@ -467,13 +467,8 @@ class SAC:
         loss.backward()
         optimizer.step()
 
-    CHECKPOINTED = ("task_policy", "critics", "target_critics"), ("log_alpha",)  # and the optimisers
-
-    def state_dict(self) -> dict:
-        return agent_state_dict(self, *self.CHECKPOINTED)
-
-    def load_state_dict(self, saved: dict):
-        load_agent_state_dict(self, saved, *self.CHECKPOINTED)
+    # what a checkpoint holds (opal_utils.agent_state_dict): these modules and tensors, and the optimisers
+    CHECKPOINTED = ("task_policy", "critics", "target_critics"), ("log_alpha",)
 
 
 def start_from_prior(task_policy, prior, states, steps: int, batch_size: int, lr: float, seed: int):
@@ -595,13 +590,12 @@ if __name__ == "__main__":
     if resumed is None:
         states = envs.reset(np.ones(args.num_envs, dtype=bool))
     else:  # networks, optimisers, buffer, the open transitions, the envs' episodes, counters and generators
-        agent.load_state_dict(resumed)
+        load_agent_state_dict(agent, resumed, *agent.CHECKPOINTED)
         buffer.load_state_dict(resumed["buffer"])
         start_states, choices, returns, steps, needs_choice = (resumed["open"][name].to(device) for name in (
             "start_states", "choices", "returns", "steps", "needs_choice"))
         states = envs.restore(resumed["envs"])
-        restore_random_state(resumed["rng"], sampler)
-        summary, first_step, updates = dict(resumed["summary"]), resumed["step"] + 1, resumed["updates"]
+        (summary, first_step), updates = resume_progress(resumed, sampler), resumed["updates"]
 
     def checkpoint(step: int, finished: bool = False):
         stop_if_not_finite_module(f"SAC step {step}", checkpoint_path, writer, task_policy=agent.task_policy,
@@ -614,7 +608,8 @@ if __name__ == "__main__":
             "latent_dim": vae["latent_dim"] if vae is not None else None,
             "hidden_dim": vae["hidden_dim"] if vae is not None else None,
             "primitive_policy": primitive_policy.state_dict() if vae is not None else None,
-            "policy_hidden_dim": args.hidden_dim, "policy_layers": args.layers, **agent.state_dict(),
+            "policy_hidden_dim": args.hidden_dim, "policy_layers": args.layers,
+            **agent_state_dict(agent, *agent.CHECKPOINTED),
             "buffer": buffer.state_dict(), "envs": envs.state_dict(),
             "open": {"start_states": start_states, "choices": choices, "returns": returns, "steps": steps,
                      "needs_choice": needs_choice},

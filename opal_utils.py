@@ -281,6 +281,13 @@ def restore_random_state(saved: dict, sampler=None):
         sampler.set_state(saved["sampler"])
 
 
+def resume_progress(resumed: dict, sampler=None) -> tuple:
+    """For --resume, once the networks and optimisers are loaded: the random number generators put back where the
+    checkpoint found them; returns (the run's summary so far, the step to go on from)."""
+    restore_random_state(resumed["rng"], sampler)
+    return dict(resumed["summary"]), resumed["step"] + 1
+
+
 def print_summary(summary: dict, checkpoint_path: Path):
     """The run's last lines: its summary (losses, scores, speed; not the per-task tables) and where its checkpoint
     is."""

@@ -30,7 +30,7 @@ import tyro
 
 from opal_utils import (
     GraphedUpdate, Loop, dataset_fields, fail, flatten_observation, load_dataset, open_run, print_summary,
-    random_state, resolve_dataset_id, restore_random_state, resumed_args, save_checkpoint, setup_torch,
+    random_state, resolve_dataset_id, resume_progress, resumed_args, save_checkpoint, setup_torch,
     stop_if_not_finite_module, stop_signals, use_bf16
 )
 
@@ -444,8 +444,7 @@ if __name__ == "__main__":
             module.load_state_dict(resumed[key])
         optimizer.load_state_dict(resumed["optimizer"])
         bc_optimizer.load_state_dict(resumed["bc_optimizer"])
-        restore_random_state(resumed["rng"], sampler)
-        summary, phase, first_step = dict(resumed["summary"]), resumed["phase"], resumed["step"] + 1
+        (summary, first_step), phase = resume_progress(resumed, sampler), resumed["phase"]
 
     def checkpoint(phase: str, step: int):
         stop_if_not_finite_module(f"{phase} step {step}", checkpoint_path, writer, encoder=encoder, prior=prior,

@@ -13,7 +13,7 @@ import torch
 import opal_cql as oc
 import opal_online_sac as osac
 import opal_vae as ov
-from opal_utils import GraphedUpdate, bf16_probe, use_bf16
+from opal_utils import GraphedUpdate, agent_state_dict, bf16_probe, load_agent_state_dict, use_bf16
 
 OBS, CHOICE, B = 5, 3, 32
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -154,12 +154,12 @@ def test_cql_graph_checkpoints_load_and_resume_anywhere(tmp_path):
     """A graphed agent's state saved, loaded into a fresh graphed agent and into an eager CPU one: all continue with
     the same step; the saved optimiser groups are an eager run's (not capturable)."""
     graphed, _ = run_both(cql_agent, 3, lambda agent, batch, step: agent.update(*batch, step=step))
-    torch.save(graphed.state_dict(), tmp_path / "agent.pt")
+    torch.save(agent_state_dict(graphed, *graphed.CHECKPOINTED), tmp_path / "agent.pt")
     saved = torch.load(tmp_path / "agent.pt", map_location="cpu", weights_only=True)
     assert not any(group["capturable"] for name in graphed.optimizers for group in saved[name]["param_groups"])
     resumed, on_cpu = cql_agent("cuda", cudagraph=True), cql_agent("cpu")
     for agent in (resumed, on_cpu):
-        agent.load_state_dict(saved)
+        load_agent_state_dict(agent, saved, *agent.CHECKPOINTED)
     batch = batches(1, seed=7)[0]
     torch.manual_seed(4)
     expected = losses_of(graphed.update(*(x.cuda() for x in batch), step=4))
