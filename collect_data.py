@@ -15,7 +15,7 @@ Kinds of data:
   metaworld-pick-place (expert, its only kind): Meta-World's scripted pick-place-v3 policy with Gaussian action
            noise, object and goal drawn afresh every episode: the source data of the paper's multi-task transfer.
 
-Run:    python collect_data.py --env pointmaze-large                 # 1,000,000 steps, a few minutes
+Run:    python collect_data.py --env pointmaze-large                 # 1,000,000 steps, 45 s on 2 idle cores
         python collect_data.py --env pointmaze-large --kind expert --episodes 10
         python collect_data.py --env metaworld-pick-place                # 1,000 episodes, about 2 minutes
 Writes: $MINARI_DATASETS_PATH/<dataset id>/  (default ~/.minari/datasets), e.g. opal/pointmaze-large-diverse-v0
@@ -314,8 +314,10 @@ def _leaves(tree):
         yield tree
 
 
-def write_dataset(args: Args, dataset_id: str, buffers, data_env, eval_env):
-    """Write into a staging store, verify, then move into place, so a failure leaves no half dataset."""
+def staging_folder(args: Args, dataset_id: str) -> tuple:
+    """(the dataset's final path, a new empty staging folder in the store), or stop with a reason: the dataset
+    exists already (without --overwrite), or the store cannot be written. Checked before collecting, and again
+    before writing."""
     store = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
     final_path = store / dataset_id
     if final_path.exists() and not args.overwrite:
@@ -327,6 +329,12 @@ def write_dataset(args: Args, dataset_id: str, buffers, data_env, eval_env):
     except OSError as error:
         raise SystemExit(f"Cannot write to the Minari store {store} ({error.strerror}). "
                          "Set MINARI_DATASETS_PATH to a writable folder.")
+    return final_path, staging
+
+
+def write_dataset(args: Args, dataset_id: str, buffers, data_env, eval_env):
+    """Write into a staging store, verify, then move into place, so a failure leaves no half dataset."""
+    final_path, staging = staging_folder(args, dataset_id)
     previous = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(staging)
     try:
@@ -379,10 +387,13 @@ def main(args: Args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    if not args.action_noise >= 0:
+        raise SystemExit(f"--action-noise is a standard deviation: at least 0, got {args.action_noise}.")
     if args.starts != "reset" and args.kind != "expert":
         raise SystemExit("--starts applies to --kind expert only.")
     suffix = "-anywhere" if args.starts == "anywhere" else ""
     dataset_id = args.dataset_id or f"opal/{args.env}-{args.kind}{suffix}-v0"
+    shutil.rmtree(staging_folder(args, dataset_id)[1])  # an existing dataset or a read-only store: say so now
     start = time.time()
     buffers, data_env, eval_env = collect(args)
     seconds = time.time() - start
@@ -397,4 +408,8 @@ def main(args: Args):
 if __name__ == "__main__":
     # SIGTERM raises SystemExit like Ctrl-C raises KeyboardInterrupt, so the staging folder is always removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:  # Ctrl-C: the staging folder is gone (write_dataset's finally), the store unchanged
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)

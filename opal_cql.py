@@ -38,7 +38,7 @@ import tyro
 from opal_utils import (
     Evaluator, GraphedUpdate, Loop, agent_state_dict, check_checkpoint, dataset_fields, evaluation_env, fail,
     load_agent_state_dict, load_dataset, load_upstream, open_run, print_summary, random_state, resolve_dataset_id,
-    resume_progress, resumed_args, save_checkpoint, setup_torch, stop_if_not_finite_module, stop_signals, use_bf16
+    resume_progress, start_run, save_checkpoint, setup_torch, stop_if_not_finite_module, stop_signals, use_bf16
 )
 
 
@@ -552,7 +552,7 @@ class HierarchicalPolicy:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     stop_requested = stop_signals()
-    resumed, args, resumed_dir = resumed_args(args, "opal_cql") if args.resume else (None, args, None)
+    resumed, args, resumed_dir = start_run(args, "opal_cql")  # --resume, or a new run
 
     # Setup: device, dataset, the budget's defaults (CORL's for D4RL data, a CPU's otherwise), the primitives
     device = setup_torch(args.seed, args.device, args.capture_video)

@@ -40,7 +40,7 @@ import tyro
 from opal_utils import (
     Evaluator, Loop, check_checkpoint, dataset_fields, evaluation_env, fail, flatten_observation, load_checkpoint,
     load_flat_dataset, load_minari_dataset, load_upstream, observation_layout, open_run, policies_from_checkpoint,
-    print_summary, random_state, resolve_dataset_id, resume_progress, resumed_args, save_checkpoint, setup_torch,
+    print_summary, random_state, resolve_dataset_id, resume_progress, start_run, save_checkpoint, setup_torch,
     stop_if_not_finite_module, stop_signals, use_bf16
 )
 
@@ -297,13 +297,48 @@ def primitive_bc_loss(primitive_policy, states, actions, latents):
     averaged over the batch. states, actions: (B, c, ·); latents: (B, latent_dim)."""
     mean_a, log_std_a = primitive_policy(states, latents.unsqueeze(1).expand(-1, states.shape[1], -1))
     return -gaussian_log_prob(actions, mean_a, log_std_a).sum(1).mean()
+
+
+def relabelled_batch(data, starts, latents, c: int, batch_size: int, sampler):
+    """B relabelled windows drawn uniformly with replacement: their states and actions (B, c, ·) and their z (B, ·),
+    z of the window that starts at row starts[i] being latents[i]."""
+    chosen = torch.randint(len(starts), (batch_size,), device=starts.device, generator=sampler)
+    rows = window_rows(starts[chosen], c)  # (B, c)
+    return data["observations"][rows], data["actions"][rows], latents[chosen]
+
+
+def primitive_finetune_update(primitive_policy, optimizer, states, actions, latents, bf16: bool) -> dict:
+    """One gradient step of the primitive policy's BC loss (the encoder and its z stay fixed)."""
+    with torch.autocast(states.device.type, dtype=torch.bfloat16, enabled=bf16):
+        nll = primitive_bc_loss(primitive_policy, states, actions, latents)
+    optimizer.zero_grad(set_to_none=True)
+    nll.backward()
+    optimizer.step()
+    return {"nll": nll}
 # --- end shared ---
+
+
+def demonstration_box(latents, margin: float):
+    """The task policy's latent box (ours): the range of the demonstrations' z, widened on each side by `margin`
+    of its width and by 10⁻³ (a box of one demonstration's single z would have no width)."""
+    low, high = latents.min(0).values, latents.max(0).values
+    return low - margin * (high - low) - 1e-3, high + margin * (high - low) + 1e-3
 
 
 def task_policy_nll(task_policy, first_states, choices):
     """Maximum likelihood of the task policy: -log π_ψ(z|s_0) over relabelled windows (or -log π_ψ(a|s) over steps
     without primitives), averaged over the batch."""
     return -task_policy.log_prob(first_states, choices).mean()
+
+
+def imitation_update(task_policy, optimizer, first_states, choices, bf16: bool):
+    """One gradient step of the task policy's maximum likelihood on a batch of (s_0, z); returns the loss."""
+    with torch.autocast(first_states.device.type, dtype=torch.bfloat16, enabled=bf16):
+        policy_nll = task_policy_nll(task_policy, first_states, choices)
+    optimizer.zero_grad(set_to_none=True)
+    policy_nll.backward()
+    optimizer.step()
+    return policy_nll
 
 
 def pick_demonstrations(demos: dict, num_demos: int, seed: int):
@@ -421,7 +456,7 @@ def make_demonstrations(args, demo_id: str):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     stop_requested = stop_signals()
-    resumed, args, resumed_dir = resumed_args(args, "opal_fewshot_il") if args.resume else (None, args, None)
+    resumed, args, resumed_dir = start_run(args, "opal_fewshot_il")  # --resume, or a new run
 
     # Setup: device, the primitives, the demonstrations (made first from a policy if asked)
     device = setup_torch(args.seed, args.device, args.capture_video)
@@ -458,10 +493,8 @@ if __name__ == "__main__":
         choice_low = torch.as_tensor(act_low, dtype=torch.float32, device=device)
         choice_high = torch.as_tensor(act_high, dtype=torch.float32, device=device)
         choices = choices.clamp(choice_low, choice_high)
-    else:  # the box of latents: the demonstrations' range, widened (ours)
-        low, high = choices.min(0).values, choices.max(0).values
-        choice_low = low - args.latent_margin * (high - low) - 1e-3
-        choice_high = high + args.latent_margin * (high - low) + 1e-3
+    else:
+        choice_low, choice_high = demonstration_box(choices, args.latent_margin)
     first_states = demos["observations"][starts]
     task_policy = TanhGaussianPolicy(obs_dim, len(choice_low), choice_low, choice_high, args.hidden_dim,
                                      args.policy_layers).to(device)
@@ -514,15 +547,9 @@ if __name__ == "__main__":
                 writer, summary, lambda step: checkpoint("finetune", step), checkpoint_path, stop_requested,
                 show=("finetune_nll",), desc="fine-tuning π_θ", prefix="finetune_")
     for step in loop:
-        chosen = torch.randint(len(starts), (args.batch_size,), device=device, generator=sampler)
-        rows = window_rows(starts[chosen], c)  # (B, c)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            finetune_nll = primitive_bc_loss(primitive_policy, demos["observations"][rows], demos["actions"][rows],
-                                             choices[chosen])
-        finetune_optimizer.zero_grad(set_to_none=True)
-        finetune_nll.backward()
-        finetune_optimizer.step()
-        loop.end_of_step(step, {"finetune_nll": finetune_nll})
+        batch = relabelled_batch(demos, starts, choices, c, args.batch_size, sampler)  # (s_t, a_t)_{t<c}, z
+        losses = primitive_finetune_update(primitive_policy, finetune_optimizer, *batch, args.bf16)
+        loop.end_of_step(step, {"finetune_nll": losses["nll"]})
     if primitive_policy is not None:
         primitive_policy.requires_grad_(False)  # fixed from here on, as in OPAL's downstream tasks
 
@@ -534,11 +561,7 @@ if __name__ == "__main__":
                 desc=f"BC ({args.primitives})", log_offset=finetune_steps, optimizer=policy_optimizer)
     for step in loop:
         chosen = torch.randint(len(starts), (args.batch_size,), device=device, generator=sampler)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            policy_nll = task_policy_nll(task_policy, first_states[chosen], choices[chosen])
-        policy_optimizer.zero_grad(set_to_none=True)
-        policy_nll.backward()
-        policy_optimizer.step()
+        policy_nll = imitation_update(task_policy, policy_optimizer, first_states[chosen], choices[chosen], args.bf16)
         loop.end_of_step(step, {"policy_nll": policy_nll})
         if step % args.eval_every == 0 and step < args.total_steps and args.eval_episodes_during > 0:
             evaluator(policy, step, args.eval_episodes_during, args.seed + 10_000 + step)

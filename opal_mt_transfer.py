@@ -41,7 +41,7 @@ import tyro
 
 from opal_utils import (
     Loop, MetaWorldEvaluator, environment_rngs, fail, load_dataset, load_upstream, make_benchmark, open_run,
-    print_summary, random_state, record_video, restore_environment_rngs, resume_progress, resumed_args,
+    print_summary, random_state, record_video, restore_environment_rngs, resume_progress, start_run,
     save_checkpoint, setup_torch, stop_if_not_finite_module, stop_signals, task_names
 )
 
@@ -455,16 +455,24 @@ def clipped_value_loss(values, old_values, targets, clip: float):
     return 0.5 * torch.max((values - targets) ** 2, (clipped - targets) ** 2).mean()
 
 
+def annealed_learning_rate(iteration: int, num_iterations: int, learning_rate: float) -> float:
+    """CleanRL's linear annealing for iteration i = 1 .. I: lr_i = (1 - (i - 1) / I) lr, from lr down to lr / I."""
+    return (1.0 - (iteration - 1) / num_iterations) * learning_rate
+
+
 def ppo_update(agent, optimizer, batch: dict, args) -> dict:
     """--update-epochs passes over one iteration's high-level steps (flat (T N, ·) tensors), each in
     --num-minibatches shuffled minibatches: loss = L_clip - c_ent H + c_v L_V with advantages standardised per
     minibatch and the gradient norm clipped (CleanRL). Returns the losses of the last minibatch (0-d tensors)."""
     size = len(batch["states"])
     minibatch = max(2, size // args.num_minibatches)
+    bounds = list(range(0, size, minibatch)) + [size]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:  # a last minibatch of one row (its advantages' std is NaN)
+        del bounds[-2]  # joins the one before it
     for _ in range(args.update_epochs):
         order = torch.randperm(size, device=batch["states"].device)
-        for start in range(0, size, minibatch):
-            index = order[start:start + minibatch]
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            index = order[start:end]
             _, log_probs, entropy, values = agent.choice_and_value(batch["states"][index], batch["choices"][index])
             log_ratio = log_probs - batch["log_probs"][index]
             advantages = batch["advantages"][index]
@@ -535,7 +543,7 @@ def primitives_and_latent_box(vae: dict, args, device):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     stop_requested = stop_signals()
-    resumed, args, resumed_dir = resumed_args(args, "opal_mt_transfer") if args.resume else (None, args, None)
+    resumed, args, resumed_dir = start_run(args, "opal_mt_transfer")  # --resume, or a new run
 
     # Setup: device, the primitives and their latent box, the benchmark's training and evaluation environments
     device = setup_torch(args.seed, args.device, args.capture_video)
@@ -615,8 +623,8 @@ if __name__ == "__main__":
                 stride=steps_per_iteration, optimizer=optimizer)
     for global_step in loop:  # environment steps so far, over all tasks
         iteration = global_step // steps_per_iteration
-        if args.anneal_lr:  # CleanRL: lr_i = (1 - (i - 1) / I) lr
-            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1) / num_iterations) * args.learning_rate
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = annealed_learning_rate(iteration, num_iterations, args.learning_rate)
         rollout, episode_return, success = collect_rollout(envs, agent, obs_normalizer, reward_scaler,
                                                            primitive_policy, c, choice_space, args.gamma, discount,
                                                            device)

@@ -30,7 +30,7 @@ import tyro
 
 from opal_utils import (
     GraphedUpdate, Loop, dataset_fields, fail, flatten_observation, load_dataset, open_run, print_summary,
-    random_state, resolve_dataset_id, resume_progress, resumed_args, save_checkpoint, setup_torch,
+    random_state, resolve_dataset_id, resume_progress, start_run, save_checkpoint, setup_torch,
     stop_if_not_finite_module, stop_signals, use_bf16
 )
 
@@ -94,7 +94,8 @@ class Args:
     (ours: faster on a CPU)"""
     num_steps: Optional[int] = None
     """β-VAE gradient steps; default: the paper's 100 epochs over all windows for D4RL aliases,
-    4,000 at batch 256 otherwise (ours: about 20 minutes on 2 CPU cores for pointmaze-large)"""
+    4,000 at batch 256 otherwise (ours: on pointmaze-large about 20 minutes on 2 idle CPU cores, 3.9 steps/s;
+    about 55 at one thread beside another run, as a grid runs it)"""
     bc_steps: Optional[int] = None
     """gradient steps of BC fine-tuning of the primitive policy on (s_t, a_t, z); default num_steps // 10 (ours)"""
     picture_latents: int = 8
@@ -287,12 +288,42 @@ def beta_vae_loss(encoder, prior, primitive_policy, states, actions, beta, noise
     return (reconstruction_nll + beta * kl).mean(), reconstruction_nll.mean(), kl.mean()
 
 
+def vae_update(encoder, prior, primitive_policy, optimizer, states, actions, beta: float, bf16: bool,
+               loss_function=beta_vae_loss) -> dict:
+    """One gradient step of Eq. (1) for the encoder, prior and primitive policy together (one optimiser over the
+    three) on a batch of windows (B, c, ·); returns the losses (0-d tensors)."""
+    with torch.autocast(states.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, reconstruction_nll, kl = loss_function(encoder, prior, primitive_policy, states, actions, beta)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"vae_loss": loss, "reconstruction_nll": reconstruction_nll, "kl": kl}
+
+
 # --- shared: primitive_finetune ---
 def primitive_bc_loss(primitive_policy, states, actions, latents):
     """BC fine-tuning of the primitive policy on relabelled windows: -Σ_{t<c} log π_θ(a_t|s_t,z), z = μ_φ(τ) fixed,
     averaged over the batch. states, actions: (B, c, ·); latents: (B, latent_dim)."""
     mean_a, log_std_a = primitive_policy(states, latents.unsqueeze(1).expand(-1, states.shape[1], -1))
     return -gaussian_log_prob(actions, mean_a, log_std_a).sum(1).mean()
+
+
+def relabelled_batch(data, starts, latents, c: int, batch_size: int, sampler):
+    """B relabelled windows drawn uniformly with replacement: their states and actions (B, c, ·) and their z (B, ·),
+    z of the window that starts at row starts[i] being latents[i]."""
+    chosen = torch.randint(len(starts), (batch_size,), device=starts.device, generator=sampler)
+    rows = window_rows(starts[chosen], c)  # (B, c)
+    return data["observations"][rows], data["actions"][rows], latents[chosen]
+
+
+def primitive_finetune_update(primitive_policy, optimizer, states, actions, latents, bf16: bool) -> dict:
+    """One gradient step of the primitive policy's BC loss (the encoder and its z stay fixed)."""
+    with torch.autocast(states.device.type, dtype=torch.bfloat16, enabled=bf16):
+        nll = primitive_bc_loss(primitive_policy, states, actions, latents)
+    optimizer.zero_grad(set_to_none=True)
+    nll.backward()
+    optimizer.step()
+    return {"nll": nll}
 # --- end shared ---
 
 
@@ -398,7 +429,7 @@ def draw_primitives(env, layout, prior, primitive_policy, c, path, latents=8, ch
 if __name__ == "__main__":
     args = tyro.cli(Args)
     stop_requested = stop_signals()
-    resumed, args, resumed_dir = resumed_args(args, "opal_vae") if args.resume else (None, args, None)
+    resumed, args, resumed_dir = start_run(args, "opal_vae")  # --resume, or a new run
 
     # Setup: device, dataset and its windows, the budget's defaults (the paper's for D4RL data, a CPU's otherwise)
     device = setup_torch(args.seed, args.device)
@@ -460,16 +491,10 @@ if __name__ == "__main__":
 
     # Phase 1, Eq. (1): the β-VAE, encoder, prior and primitive policy trained jointly
     vae_loss = torch.compile(beta_vae_loss) if args.compile else beta_vae_loss
-
-    def vae_step(states, actions):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, reconstruction_nll, kl = vae_loss(encoder, prior, primitive_policy, states, actions, args.beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return {"vae_loss": loss, "reconstruction_nll": reconstruction_nll, "kl": kl}
-
-    vae_step = GraphedUpdate(vae_step, [encoder, prior, primitive_policy], [], [optimizer], graphed)  # on a GPU
+    vae_step = GraphedUpdate(  # replayed as one CUDA graph on a GPU
+        lambda states, actions: vae_update(encoder, prior, primitive_policy, optimizer, states, actions, args.beta,
+                                           args.bf16, vae_loss),
+        [encoder, prior, primitive_policy], [], [optimizer], graphed)
     loop = Loop("β-VAE", first=first_step if phase == "vae" else num_steps + 1, last=num_steps, args=args,
                 writer=writer, summary=summary, save=lambda step: checkpoint("vae", step),
                 checkpoint_path=checkpoint_path, stop_requested=stop_requested, show=("reconstruction_nll", "kl"),
@@ -481,23 +506,16 @@ if __name__ == "__main__":
     # Phase 2 (§4.1): relabel the windows of stride c with z = μ_φ(τ) and fine-tune π_θ(a|s,z) by behaviour cloning
     relabel_starts = window_starts(data["episode_lengths"], args.c, stride=args.c).to(device)
     latents = encode_windows(encoder, data["observations"], data["actions"], relabel_starts, args.c)
-
-    def bc_step(states, actions, latents):
-        bc_nll = primitive_bc_loss(primitive_policy, states, actions, latents)
-        bc_optimizer.zero_grad(set_to_none=True)
-        bc_nll.backward()
-        bc_optimizer.step()
-        return {"bc_nll": bc_nll}
-
-    bc_step = GraphedUpdate(bc_step, [primitive_policy], [], [bc_optimizer], graphed)  # one CUDA graph on a GPU
+    bc_step = GraphedUpdate(  # one CUDA graph on a GPU
+        lambda states, actions, latents: {"bc_nll": primitive_finetune_update(
+            primitive_policy, bc_optimizer, states, actions, latents, bf16=False)["nll"]},
+        [primitive_policy], [], [bc_optimizer], graphed)
     loop = Loop("BC", first=first_step if phase == "bc" else 1, last=bc_steps, args=args, writer=writer,
                 summary=summary, save=lambda step: checkpoint("bc", step), checkpoint_path=checkpoint_path,
                 stop_requested=stop_requested, show=("bc_nll",), desc="BC fine-tuning", prefix="bc_",
                 log_offset=num_steps)
     for step in loop:
-        chosen = torch.randint(len(relabel_starts), (batch_size,), device=device, generator=sampler)
-        rows = window_rows(relabel_starts[chosen], args.c)
-        loop.end_of_step(step, bc_step(data["observations"][rows], data["actions"][rows], latents[chosen]))
+        loop.end_of_step(step, bc_step(*relabelled_batch(data, relabel_starts, latents, args.c, batch_size, sampler)))
 
     # Evaluation: action error on fixed training windows, closed-loop rollouts in the simulator, the picture
     with torch.no_grad():

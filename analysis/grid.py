@@ -66,6 +66,13 @@ class Args:
     """folders of runs made outside the grid (searched recursively): finished runs there whose script, seed,
     --exp-name and flags match one of the grid's runs join the report and the grid's records file"""
 
+    def __post_init__(self):
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise SystemExit(f"error: --num-cpus must be at least 1 (a cluster without CPUs runs nothing), got "
+                             f"{self.num_cpus}.")
+        if not self.poll > 0:
+            raise SystemExit(f"error: --poll must be a positive number of seconds, got {self.poll}.")
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # The grid: experiments × seeds, each run a command line
@@ -254,7 +261,12 @@ def run_grid(grid: dict, args: Args) -> int:
     ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     task = ray.remote(execute)
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(run["cpus"] for run in todo)))
+    cpus, largest = ray.cluster_resources().get("CPU", 0), max(run["cpus"] for run in todo)
+    if cpus < largest:  # no run could ever be scheduled: it would wait forever
+        ray.shutdown()
+        raise SystemExit(f"error: the Ray cluster has {cpus:.0f} CPUs, but a run of {args.grid} needs {largest}; "
+                         "give it more (--num-cpus) or lower the grid's cpus_per_run.")
+    slots = max(1, int(cpus // largest))
     print(f"Ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(todo)} runs to do, {slots} at a time",
           flush=True)
     stop_file = grid["dir"] / "STOP"  # (where every node sees it: the runs folder is shared)

@@ -284,6 +284,17 @@ MUTANTS = [
      "            choices = mean + (2 * log_std).exp() * choices\n"),
     ("ppo-prior-choice-unclipped", "        return choices.clamp(self.low, self.high)\n", "        return choices\n"),
     ("ppo-held-choice-reset-ignored", "        self.held_for[mask] = self.c\n", "        self.held_for[mask] = 1\n"),
+    # --- the five a reviewer's mutants showed uncaught (issue 35) ---
+    ("review-cql-regulariser-not-stepped", 'self.step("critic_optimizer", td_loss + cql_loss)',
+     'self.step("critic_optimizer", td_loss)'),
+    ("review-sac-next-choice-at-s", "next_choice, next_log_prob = self.task_policy(s_next)",
+     "next_choice, next_log_prob = self.task_policy(s)"),
+    ("review-eval-samples-the-choice", "self.choice, _ = self.task_policy(states, deterministic=True)",
+     "self.choice, _ = self.task_policy(states, deterministic=False)"),
+    ("review-buffer-samples-unfilled-rows", "index = torch.randint(self.size, (batch_size,)",
+     "index = torch.randint(self.capacity, (batch_size,)"),
+    ("review-ppo-ratio-inverted", 'log_ratio = log_probs - batch["log_probs"][index]',
+     'log_ratio = batch["log_probs"][index] - log_probs'),
 ]
 
 

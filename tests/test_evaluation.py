@@ -25,8 +25,8 @@ class ScriptedEnvs:
 
     def observations(self):
         distance = 10.0 - self.t
-        return {"observation": np.stack([self.t, np.zeros(2)], -1).astype(np.float32),
-                "achieved_goal": np.stack([distance, np.zeros(2)], -1), "desired_goal": np.zeros((2, 2))}
+        return {"observation": np.stack([self.t, np.zeros(2)], -1).astype(np.float32),  # the goal at (1, 0)
+                "achieved_goal": np.stack([distance + 1.0, np.zeros(2)], -1), "desired_goal": np.tile([1.0, 0.0], (2, 1))}
 
     def reset(self, seed):
         self.episodes, self.t = [s - 100 for s in seed], np.zeros(2)
@@ -41,7 +41,8 @@ class ScriptedEnvs:
         self.t = self.t + 1
         lengths = np.array([self.LENGTHS[k] for k in self.episodes])
         success = self.t >= np.array([self.SUCCESS_AT[k] for k in self.episodes])
-        return self.observations(), np.ones(2), self.t == lengths, np.zeros(2, dtype=bool), {"success": success}
+        rewards = 0.5 * self.t  # step t pays t / 2
+        return self.observations(), rewards, self.t == lengths, np.zeros(2, dtype=bool), {"success": success}
 
 
 class StepReader(torch.nn.Module):
@@ -74,7 +75,7 @@ def test_evaluate_holds_z_for_c_steps_and_counts_only_until_the_end():
     # episodes 0, 1, 2 count (episode 3 ran in the second round's other copy, beyond the 3 asked for):
     # successes: no (ends at 5, success only from 6), yes (at its last step 7), yes (from step 1)
     assert success == pytest.approx(2 / 3)
-    assert mean_return == pytest.approx((5 + 7 + 3) / 3)  # one per step until the end, not after
+    assert mean_return == pytest.approx((5 * 6 + 7 * 8 + 3 * 4) / 4 / 3)  # Σ_t t/2 until the end, not after
     assert closest == pytest.approx(((10 - 5) + (10 - 7) + (10 - 3)) / 3)
 
 
@@ -84,7 +85,7 @@ def test_evaluate_without_primitives_acts_the_choice_each_step():
                                        episodes=2, seed=100, act_low=np.array([-1.0]), act_high=np.array([5.5]))
     assert envs.log[0][:5] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert envs.log[1][:7] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 5.5]
-    assert success == 0.5 and mean_return == 6.0
+    assert success == 0.5 and mean_return == pytest.approx((5 * 6 + 7 * 8) / 4 / 2)
 
 
 def test_normalized_score_of_a_maze_is_the_success_percentage():

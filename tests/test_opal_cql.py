@@ -75,6 +75,9 @@ def test_task_rewards_success_radius_is_0_45():
     data = {"achieved_goal": achieved, "rewards": torch.zeros(6), "episode_lengths": torch.tensor([5])}
     rewards, _ = oc.task_rewards(data, eval_env)
     assert oc.SUCCESS_RADIUS == 0.45 and rewards.tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    # at 0.45 exactly the goal is reached (gymnasium-robotics: distance <= 0.45)
+    data["achieved_goal"][1] = torch.tensor([0.45, 0.0])
+    assert oc.task_rewards(data, eval_env)[0][0].item() == 1.0
 
 
 def test_tanh_policy_stays_in_its_box_and_log_prob_matches():
@@ -343,7 +346,7 @@ def test_a_signal_during_a_steps_logging_still_checkpoints_before_the_stop():
     args = SimpleNamespace(save_every=1000, log_every=1)
     loop = Loop("CQL", 1, 10, args, Writer(), {}, saved.append, Path("unused.pt"), stop_requested)
     loop.start_time = 0.0
-    loop.progress = SimpleNamespace(set_postfix=lambda *a, **k: None)
+    loop.progress = SimpleNamespace(set_postfix=lambda *a, **k: None, close=lambda: None)
     loop.end_of_step(1, {"td_loss": torch.tensor(1.0)})  # the stop is seen at the next step, not half-way
     assert saved == []
     with pytest.raises(SystemExit) as stopped:

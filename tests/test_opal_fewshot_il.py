@@ -124,6 +124,7 @@ def test_fewshot_runs_end_to_end(sandbox, datasets, vae_checkpoints, family, pri
     assert payload["demo_dataset_id"] == demo_id and len(payload["demo_episodes"]) == 2
     # all 40 imitation steps happened, and the likelihood rose
     assert {int(state["step"]) for state in payload["policy_optimizer"]["state"].values()} == {40}
+    assert payload["policy_optimizer"]["param_groups"][0]["lr"] == payload["args"]["policy_lr"]
     policy_nll = scalars(path.parent, "losses/policy_nll")
     assert len(policy_nll) == 4 and policy_nll[-1] < policy_nll[0]
     assert len(scalars(path.parent, "eval/normalized_score")) == 2
@@ -132,6 +133,7 @@ def test_fewshot_runs_end_to_end(sandbox, datasets, vae_checkpoints, family, pri
     if primitives == "opal":  # the primitive policy was fine-tuned on the demonstrations: 20 steps, it moved
         vae = torch.load(vae_checkpoints[family], weights_only=True)
         assert {int(state["step"]) for state in payload["finetune_optimizer"]["state"].values()} == {20}
+        assert payload["finetune_optimizer"]["param_groups"][0]["lr"] == payload["args"]["finetune_lr"]
         assert any(not torch.equal(vae["primitive_policy"][k], payload["primitive_policy"][k])
                    for k in vae["primitive_policy"])
         assert primitive_policy(torch.zeros(1, payload["obs_dim"]), choice)[0].shape == (1, payload["act_dim"])

@@ -46,6 +46,10 @@ def test_running_normalizer_and_reward_scaler():
     torch.testing.assert_close(normalizer.mean, data.mean(0), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(normalizer.var, data.var(0, unbiased=False), rtol=1e-3, atol=1e-4)
     assert normalizer(torch.full((1, 3), 1e6)).max().item() == 10.0  # clipped
+    assert normalizer(torch.full((1, 3), -1e6)).min().item() == -10.0
+    x = torch.tensor([[2.5, -1.0, 2.05]])  # (x - mean) / sqrt(var + 1e-8), inside ±10
+    torch.testing.assert_close(normalizer(x), (x - normalizer.mean) / (normalizer.var + 1e-8).sqrt())
+    torch.testing.assert_close(normalizer(x), (x - data.mean(0)) / data.std(0, unbiased=False), rtol=1e-3, atol=1e-3)
     scaler = mt.RewardScaler(2)
     scaled = scaler(torch.tensor([1.0, 3.0]), torch.tensor(0.5), torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(scaler.returns, torch.tensor([1.0, 0.0]))  # the ended episode's return restarts
@@ -77,6 +81,8 @@ def test_evaluation_holds_each_choice_for_c_steps():
     policy.eval_action(np.zeros((2, 49)))
     assert policy.choices[:, 0].tolist() == [2.0, 3.0]  # the restarted environment chose anew, the other held
     assert CountingActor.calls == 3  # the task policy ran at the three decisions only, not at every step
+    # without primitives the held choice is the action, clipped to [-1, 1]
+    np.testing.assert_allclose(policy.eval_action(np.zeros((2, 49))), np.ones((2, 4)))
 
 
 def test_choices_relative_to_the_prior():

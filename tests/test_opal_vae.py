@@ -161,13 +161,13 @@ def test_primitive_bc_loss_by_hand():
 
 
 def test_action_mse_by_hand():
-    # q's mean z = the window's first action + its last state, π's mean a = z + s_t: the error is that of a_t against
-    # a_0 + s_{c-1} + s_t, averaged over windows, steps and action dimensions
-    states = torch.tensor([[[1.0], [3.0], [-1.0]], [[0.0], [2.0], [4.0]]])
+    # q's mean z = the window's first action + its last state, π's mean a = z + 2 s_t: the error is that of a_t against
+    # a_0 + s_{c-1} + 2 s_t, averaged over windows, steps and action dimensions (2-d states: z and s read apart)
+    states = torch.tensor([[[1.0, 0.0], [3.0, 1.0], [-1.0, 2.0]], [[0.0, 1.0], [2.0, -1.0], [4.0, 0.5]]])
     actions = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]], [[-1.0, 0.5], [0.5, 0.5], [0.0, -2.0]]])
     encoder = Lambda(lambda s, a: (a[:, 0] + s[:, -1], None))
-    policy = Lambda(lambda s, z: (z + s, None))
-    squared = [(actions[b, t, d].item() - actions[b, 0, d].item() - states[b, 2, 0].item() - states[b, t, 0].item()) ** 2
+    policy = Lambda(lambda s, z: (z + 2 * s, None))
+    squared = [(actions[b, t, d] - actions[b, 0, d] - states[b, 2, d] - 2 * states[b, t, d]).item() ** 2
                for b in range(2) for t in range(3) for d in range(2)]
     assert ov.action_mse(encoder, policy, states, actions).item() == pytest.approx(sum(squared) / 12, rel=1e-6)
 
@@ -269,6 +269,13 @@ def test_opal_vae_trains_and_writes_a_checkpoint(sandbox, datasets, family):
     # every gradient step was taken: Adam counts them for each parameter
     assert {int(state["step"]) for state in payload["optimizer"]["state"].values()} == {40}
     assert {int(state["step"]) for state in payload["bc_optimizer"]["state"].values()} == {10}
+    # at the learning rate asked for: the β-VAE's optimiser over all three networks, BC's over the primitive policy
+    encoder_size, prior_size, policy_size = (len([k for k in payload[name] if "normalize" not in k])
+                                             for name in ("encoder", "prior", "primitive_policy"))
+    assert payload["optimizer"]["param_groups"][0]["lr"] == payload["args"]["learning_rate"]
+    assert len(payload["optimizer"]["state"]) == encoder_size + prior_size + policy_size
+    assert payload["bc_optimizer"]["param_groups"][0]["lr"] == payload["args"]["learning_rate"]
+    assert len(payload["bc_optimizer"]["state"]) == policy_size
     encoder = ov.Encoder(obs_dim, act_dim, 8, 32, 2)
     encoder.load_state_dict(payload["encoder"])
     policy = ov.PrimitivePolicy(obs_dim, act_dim, 8, 32)

@@ -50,6 +50,7 @@ def test_vae_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets):
                                          "β-VAE:", signal.SIGTERM)
     assert code == 130 and "stopped by signal at β-VAE step" in stdout, stdout
     interrupted = checkpoint_path(stdout, "opal_vae.pt")
+    assert f"\ncontinue with: python opal_vae.py --resume {interrupted}\n" in stdout  # on a line of its own
     step = torch.load(interrupted, weights_only=True)["step"]
     assert 1 <= step < 1500
     resumed = run_script(sandbox, "opal_vae.py", "--resume", interrupted.parent)
