@@ -55,16 +55,19 @@ from gymnasium_robotics.envs.maze import maps  # noqa: E402
 @dataclass
 class Args:
     env: Literal[
-        "pointmaze-umaze", "pointmaze-medium", "pointmaze-large",
+        "pointmaze-umaze", "pointmaze-medium", "pointmaze-large", "pointmaze-gen",
         "antmaze-umaze", "antmaze-medium", "antmaze-large", "kitchen", "metaworld-pick-place",
     ] = "pointmaze-large"
-    """which environment to collect in (antmaze-* and kitchen only with --kind random, metaworld-pick-place only
-    with --kind expert)"""
+    """which environment to collect in (pointmaze-gen: the generated maze of --maze-seed; antmaze-* and kitchen only
+    with --kind random, metaworld-pick-place only with --kind expert)"""
+    maze_seed: int = 0
+    """pointmaze-gen: which maze of the generated family (the scripts' --env pointmaze-gen-K is seed K)"""
     kind: Optional[Literal["diverse", "expert", "random"]] = None
     """diverse: D4RL-style undirected data; expert: demonstrations of the evaluation task (Meta-World: of
     pick-place-v3); random: random actions. Default: expert for metaworld-pick-place, diverse otherwise"""
     dataset_id: Optional[str] = None
-    """Minari id to write; default opal/<env>-<kind>-v0 (opal/<env>-expert-anywhere-v0 with --starts anywhere)"""
+    """Minari id to write; default opal/<env>-<kind>-v0 (opal/<env>-expert-anywhere-v0 with --starts anywhere;
+    opal/pointmaze-gen<K>-<kind>-v0 for pointmaze-gen)"""
     steps: Optional[int] = None
     """total environment steps (diverse, random); default 1,000,000 for diverse, 10,000 for random"""
     episode_length: int = 1000
@@ -109,6 +112,61 @@ SUCCESS_RADIUS = 0.45
 METAWORLD_TASK = "pick-place-v3"  # the paper's source task for the multi-task transfer
 
 
+GENERATED_SIZE = (9, 12)  # rows, columns with the walls around: D4RL's large map
+
+
+def generate_maze(seed: int, loops: int = 3) -> dict:
+    """The maze of seed `seed` in the family `pointmaze-gen` (ours): D4RL's large map's size, 9 × 12 cells with walls
+    around. Corridors of a spanning tree over the cells at odd row and column (randomised Prim: every free cell
+    reachable, branches and dead ends), `loops` walls between two neighbouring corridors knocked out (a few loops),
+    and alcoves off the ninth column into the tenth, which the odd lattice leaves out; drawn again (from the same
+    generator) until it has at least 3 dead ends. The evaluation task as D4RL's, two cells far apart: the ends of the
+    longest shortest path, the reset cell the end nearer the top-left corner. Returns dict(maze_map, reset_cell,
+    goal_cell) like MAZES' entries."""
+    rng = np.random.default_rng(seed)
+    while True:
+        maze_map = maze_layout(rng, loops)
+        free = WaypointPlanner(maze_map).free
+        open_sides = {cell: sum((cell[0] + dr, cell[1] + dc) in free for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)))
+                      for cell in free}
+        if sum(sides == 1 for sides in open_sides.values()) >= 3:
+            break
+    distances = {cell: WaypointPlanner.distances(maze_map, cell) for cell in sorted(free)}
+    _, reset_cell, goal_cell = max((distance, *sorted((a, b), key=lambda cell: (sum(cell), cell)))
+                                   for a, row in distances.items() for b, distance in sorted(row.items()))
+    return dict(maze_map=maze_map, reset_cell=reset_cell, goal_cell=goal_cell)
+
+
+def maze_layout(rng, loops: int) -> list:
+    """One draw of generate_maze's walls (1) and free cells (0)."""
+    rows, columns = GENERATED_SIZE
+    grid = np.ones((rows, columns), dtype=int)
+    nodes = {(r, c) for r in range(1, rows - 1, 2) for c in range(1, columns - 2, 2)}  # 4 × 5 cells
+    steps = ((0, 2), (0, -2), (2, 0), (-2, 0))
+    start = sorted(nodes)[rng.integers(len(nodes))]
+    grid[start], visited = 0, {start}
+    while len(visited) < len(nodes):  # randomised Prim: a random passage from the tree to a cell not yet in it
+        frontier = sorted((cell, (cell[0] + dr, cell[1] + dc)) for cell in visited for dr, dc in steps
+                          if (cell[0] + dr, cell[1] + dc) in nodes and (cell[0] + dr, cell[1] + dc) not in visited)
+        (r, c), (nr, nc) = frontier[rng.integers(len(frontier))]
+        grid[(r + nr) // 2, (c + nc) // 2] = grid[nr, nc] = 0
+        visited.add((nr, nc))
+    walls = sorted({((r + nr) // 2, (c + nc) // 2) for r, c in nodes for dr, dc in steps
+                    if (nr := r + dr, nc := c + dc) in nodes and grid[(r + nr) // 2, (c + nc) // 2] == 1})
+    for index in rng.choice(len(walls), size=min(loops, len(walls)), replace=False):
+        grid[walls[index]] = 0
+    for r in range(1, rows - 1):  # alcoves in the tenth column
+        if grid[r, columns - 3] == 0 and rng.random() < 0.5:
+            grid[r, columns - 2] = 0
+    return grid.tolist()
+
+
+def maze_spec(args) -> dict:
+    """The evaluation map of a pointmaze or antmaze alias: D4RL's (MAZES) or the generated maze of --maze-seed."""
+    size = args.env.partition("-")[2]
+    return generate_maze(args.maze_seed) if size == "gen" else MAZES[size]
+
+
 def eval_map(maze_map, reset_cell, goal_cell, anywhere=False):
     """The evaluation map: one reset cell 'r' and one goal cell 'g', as in D4RL's evaluation tasks; `anywhere`:
     every free cell but the goal is a reset cell (each episode starts in one drawn uniformly)."""
@@ -126,8 +184,8 @@ def env_specs(args: Args, episode_length: int):
     if family == "kitchen":
         make = dict(id="FrankaKitchen-v1", tasks_to_complete=KITCHEN_TASKS)
         return gym.make(**make, max_episode_steps=episode_length), gym.make(**make)
-    maze = MAZES[size]
-    env_id = POINT_IDS[size] if family == "pointmaze" else ANT_IDS[size]
+    maze = maze_spec(args)
+    env_id = POINT_IDS["large" if size == "gen" else size] if family == "pointmaze" else ANT_IDS[size]
     data_env = gym.make(env_id, maze_map=maze["maze_map"], continuing_task=True, reset_target=True,
                         max_episode_steps=episode_length)
     anywhere = args.kind == "expert" and args.starts == "anywhere"
@@ -145,6 +203,20 @@ class WaypointPlanner:
     def __init__(self, maze_map):
         self.free = [(r, c) for r, row in enumerate(maze_map) for c, v in enumerate(row) if v != 1]
         self.next_cell = {goal: self._bfs(goal, set(self.free)) for goal in self.free}
+
+    @staticmethod
+    def distances(maze_map, source) -> dict:
+        """Steps along the shortest path from `source` to every free cell it reaches (breadth-first search)."""
+        free = {(r, c) for r, row in enumerate(maze_map) for c, v in enumerate(row) if v != 1}
+        distance, frontier = {source: 0}, deque([source])
+        while frontier:
+            cell = frontier.popleft()
+            for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                neighbour = (cell[0] + dr, cell[1] + dc)
+                if neighbour in free and neighbour not in distance:
+                    distance[neighbour] = distance[cell] + 1
+                    frontier.append(neighbour)
+        return distance
 
     @staticmethod
     def _bfs(goal, free):
@@ -242,15 +314,16 @@ def collect(args: Args):
         if family != "pointmaze":
             raise SystemExit(f"--kind {args.kind} is implemented for pointmaze only; use --kind random for {args.env}.")
         maze = data_env.unwrapped.maze
-        planner = WaypointPlanner(MAZES[size]["maze_map"])
+        planner = WaypointPlanner(maze_spec(args)["maze_map"])
         noise = args.action_noise if args.kind == "diverse" else 0.1 * args.action_noise
         policy = lambda obs: pd_action(maze, planner, obs["achieved_goal"], obs["observation"][2:4],
                                        obs["desired_goal"], rng, noise)
 
     buffers = []
     if args.kind == "expert":
-        reset_cell = np.array(MAZES[size]["reset_cell"]) if args.starts == "reset" else None  # None: drawn by the env
-        options = {"reset_cell": reset_cell, "goal_cell": np.array(MAZES[size]["goal_cell"])}
+        maze_cells = maze_spec(args)
+        reset_cell = np.array(maze_cells["reset_cell"]) if args.starts == "reset" else None  # None: drawn by the env
+        options = {"reset_cell": reset_cell, "goal_cell": np.array(maze_cells["goal_cell"])}
         for episode in tqdm(range(args.episodes), desc="demonstrations"):
             buffers.append(run_episode(data_env, policy, seed=args.seed + episode, options=options))
         return buffers, data_env, eval_env
@@ -392,7 +465,10 @@ def main(args: Args):
     if args.starts != "reset" and args.kind != "expert":
         raise SystemExit("--starts applies to --kind expert only.")
     suffix = "-anywhere" if args.starts == "anywhere" else ""
-    dataset_id = args.dataset_id or f"opal/{args.env}-{args.kind}{suffix}-v0"
+    name = f"pointmaze-gen{args.maze_seed}" if args.env == "pointmaze-gen" else args.env
+    dataset_id = args.dataset_id or f"opal/{name}-{args.kind}{suffix}-v0"
+    if args.maze_seed < 0:
+        raise SystemExit(f"--maze-seed must be at least 0, got {args.maze_seed}.")
     shutil.rmtree(staging_folder(args, dataset_id)[1])  # an existing dataset or a read-only store: say so now
     start = time.time()
     buffers, data_env, eval_env = collect(args)

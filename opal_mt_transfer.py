@@ -42,7 +42,7 @@ import tyro
 from opal_utils import (
     Loop, MetaWorldEvaluator, environment_rngs, fail, load_dataset, load_upstream, make_benchmark, open_run,
     print_summary, random_state, record_video, restore_environment_rngs, resume_progress, start_run,
-    save_checkpoint, setup_torch, stop_if_not_finite_module, stop_signals, task_names
+    save_checkpoint, setup_torch, stop_if_not_finite, stop_if_not_finite_module, stop_signals, task_names
 )
 
 
@@ -342,7 +342,8 @@ class ActorCritic(nn.Module):
     def choice_and_value(self, states, choices=None):
         """(choice ~ π(·|s) unless given, log π(choice|s), entropy, V(s)) for a batch of standardised states."""
         mean = self.actor_mean(states)
-        policy = torch.distributions.Normal(mean, self.actor_logstd.expand_as(mean).exp())
+        # (validate_args=False: a NaN reaches the losses, where the training loop stops on it with a message)
+        policy = torch.distributions.Normal(mean, self.actor_logstd.expand_as(mean).exp(), validate_args=False)
         choices = policy.sample() if choices is None else choices
         return choices, policy.log_prob(choices).sum(-1), policy.entropy().sum(-1), self.critic(states).squeeze(-1)
 
@@ -633,6 +634,8 @@ if __name__ == "__main__":
         batch = {name: value.flatten(0, 1) for name, value in  # (T N, ·): high-level steps of all tasks
                  {**rollout, "advantages": advantages, "returns": returns}.items()}
         losses = ppo_update(agent, optimizer, batch, args)
+        stop_if_not_finite({name: value.item() for name, value in losses.items()}, f"PPO iteration {iteration}",
+                           checkpoint_path, writer)  # (one check an iteration: an iteration is thousands of steps)
         writer.add_scalar("charts/train_success_rate", success.mean(), global_step)
         writer.add_scalar("charts/episodic_return", episode_return.mean(), global_step)
         if loop.passes(global_step, args.eval_every) and global_step < args.total_steps and args.eval_episodes_during:

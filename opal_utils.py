@@ -62,7 +62,9 @@ ENV_ALIASES = {
     "pointmaze-large": "opal/pointmaze-large-diverse-v0",
     "metaworld-pick-place": "opal/metaworld-pick-place-expert-v0",
 }
-GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large)|metaworld-pick-place)-(diverse|expert)(-anywhere)?-v0")
+GENERATED = re.compile(
+    r"opal/(pointmaze-(?:umaze|medium|large|gen(\d+))|metaworld-pick-place)-(diverse|expert)(-anywhere)?-v0")
+MAZE_FAMILY = re.compile(r"pointmaze-gen-(\d+)")  # --env pointmaze-gen-K: the generated maze of seed K
 
 
 def fail(message: str):
@@ -73,8 +75,11 @@ def fail(message: str):
 def resolve_dataset_id(env: str, dataset_id: Optional[str]) -> str:
     if dataset_id:
         return dataset_id
+    generated_maze = MAZE_FAMILY.fullmatch(env)
+    if generated_maze:
+        return f"opal/pointmaze-gen{int(generated_maze[1])}-diverse-v0"
     if env not in ENV_ALIASES:
-        fail(f"unknown --env {env!r}. Valid aliases: {', '.join(ENV_ALIASES)}; "
+        fail(f"unknown --env {env!r}. Valid aliases: {', '.join(ENV_ALIASES)}, pointmaze-gen-K (K = 0, 1, ...); "
              "or pass any Minari id with --dataset-id.")
     return ENV_ALIASES[env]
 
@@ -97,8 +102,9 @@ def load_minari_dataset(dataset_id: str):
               "(45 s on 2 idle cores)")
         if not collector.exists():
             fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
-        command = [sys.executable, str(collector), "--env", generated[1], "--kind", generated[2],
-                   *(["--starts", "anywhere"] if generated[3] else [])]
+        env = ["--env", "pointmaze-gen", "--maze-seed", generated[2]] if generated[2] else ["--env", generated[1]]
+        command = [sys.executable, str(collector), *env, "--kind", generated[3],
+                   *(["--starts", "anywhere"] if generated[4] else [])]
         returncode = subprocess.run(command).returncode
         if returncode in (130, -signal.SIGINT, 143, -signal.SIGTERM):  # Ctrl-C (or SIGTERM) reached both processes
             print(f"stopped while generating {dataset_id}: nothing was written; run the command again to start over")

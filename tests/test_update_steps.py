@@ -724,3 +724,15 @@ def test_normalized_score_off_the_mazes_is_the_return_between_the_reference_scor
     kitchen = type("Env", (), {"unwrapped": object()})()  # an evaluation env without a maze
     assert opal_utils.normalized_score(None, kitchen, success_rate=0.25, mean_return=3.0) == pytest.approx(75.0)
     assert asked == [[3.0]]  # the mean return, not the success rate
+
+
+def test_ppo_update_on_non_finite_parameters_reports_non_finite_losses_instead_of_raising():
+    """The training loop stops with a message on non-finite losses; the update must get there, not raise first."""
+    torch.manual_seed(0)
+    agent = mt.ActorCritic(4, 2, 16, torch.zeros(2))
+    optimizer = torch.optim.Adam(agent.parameters(), lr=3e-3, eps=1e-5)
+    batch = ppo_batch(agent, 12)
+    with torch.no_grad():
+        agent.actor_mean[-1].bias.fill_(math.nan)
+    losses = mt.ppo_update(agent, optimizer, batch, mt.Args(primitives="none", num_minibatches=2, target_kl=None))
+    assert not torch.isfinite(losses["policy_loss"])
