@@ -240,10 +240,13 @@ def start_run(args, script: str):
     (None, args, None) once --runs-dir is known to be a directory this process can create and write in."""
     if args.resume:
         return resumed_args(args, script)
-    runs_dir = Path(args.runs_dir)
+    runs_dir = existing = Path(args.runs_dir).absolute()
+    while not existing.exists():  # the nearest folder that exists must take a new folder (none is left behind)
+        existing = existing.parent
     try:
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=runs_dir):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        with tempfile.TemporaryDirectory(dir=existing):
             pass
     except OSError as error:
         fail(f"--runs-dir {runs_dir} cannot hold the run's files ({error.strerror or error}); pass a writable "

@@ -162,3 +162,10 @@ def test_metaworld_pick_place_demonstrations_train_a_vae_and_are_refused_downstr
     assert "stores no environment to act in" in refused.stderr
     wrong = run_script(sandbox, "collect_data.py", "--env", "metaworld-pick-place", "--kind", "diverse")
     assert wrong.returncode != 0 and "scripted expert's only" in wrong.stderr
+
+
+def test_reference_scores_make_d4rls_normalised_scores(datasets):
+    """Mazes: 0 and 1 (a success rate); kitchen: 0 and 4 tasks, so a return of 3 tasks scores 75."""
+    kitchen, maze = minari.load_dataset(datasets["kitchen"]), minari.load_dataset(datasets["pointmaze"])
+    assert minari.get_normalized_score(kitchen, np.array([3.0]))[0] == pytest.approx(0.75)
+    assert minari.get_normalized_score(maze, np.array([1.0]))[0] == pytest.approx(1.0)

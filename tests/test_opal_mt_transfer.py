@@ -131,6 +131,8 @@ def test_end_to_end_on_mt10(sandbox, metaworld_vae, mode):
     assert saved["choice_dim"] == (8 if mode == "opal" else 4)
     # the updates ran: 2 iterations × 2 epochs × the 4 minibatches of an iteration's 10 × 20 / c high-level steps
     assert saved["optimizer"]["state"][0]["step"].item() == 2 * 2 * 4
+    # the learning rate annealed linearly: the second and last of I = 2 iterations ran at lr / 2 (CleanRL's schedule)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(saved["args"]["learning_rate"] / 2)
     assert saved["summary"]["approx_kl"] > 0 and saved["obs_normalizer"]["count"].item() > 2 * 200 / c
     if mode == "opal":  # the primitive policy and the prior come with it, and the latent box is the VAE's data's
         assert saved["primitive_policy"] is not None and saved["dataset_id"] == "test/metaworld-pick-place-v0"

@@ -150,6 +150,12 @@ def test_stored_transitions_add_up(sandbox, datasets):
     assert set(steps[~dones].tolist()) <= {4.0, 2.0}
     assert (steps[~dones] == 2).any()  # time-limit ends inside a primitive happened
     assert steps.sum().item() + opened["steps"][~opened["needs_choice"]].sum().item() == 200
+    # each transition's s' is where its primitive ended: the ball moved, and every transition but an episode's
+    # first starts exactly where one stored before it ended (20 episodes of 10 steps in all)
+    states, next_states = buffer["states"], buffer["next_states"]
+    assert (states != next_states).any(1).all()
+    starts_elsewhere = sum(not (next_states == state).all(1).any() for state in states)
+    assert starts_elsewhere <= 200 // 10
     assert 0 < payload["updates"] <= len(steps)  # one update per transition closed after the warm-up
 
 
