@@ -1,0 +1,65 @@
+"""controllers/ant_goal_reacher.py: what the goal-reaching ant reads (the goal in its torso's frame) and is paid, by
+hand; a few training steps run and write a policy that loads."""
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "controllers"))
+import ant_goal_reacher as ag  # noqa: E402
+
+
+def ant_observation(x, y, yaw, rest=0.0):
+    """qpos[:15] + qvel[:14] with the torso at (x, y), height 0.6, turned by `yaw` about the vertical axis."""
+    qpos = np.full(15, rest)
+    qpos[:7] = [x, y, 0.6, math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)]
+    return np.concatenate([qpos, np.full(14, rest)])
+
+
+@pytest.mark.parametrize("yaw", [0.0, 0.7, math.pi / 2, -2.5])
+def test_torso_yaw_of_a_turn_about_the_vertical(yaw):
+    assert ag.torso_yaw([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)]) == pytest.approx(yaw)
+
+
+def test_the_goal_is_given_in_the_torsos_frame():
+    facing_north = ant_observation(1.0, 2.0, math.pi / 2, rest=0.3)
+    # 3 m north of a torso facing north: straight ahead; 1 m west of it: to its left; 2 m east: to its right
+    for goal, expected in (((1.0, 5.0), (3.0, 0.0)), ((0.0, 2.0), (0.0, 1.0)), ((3.0, 2.0), (0.0, -2.0))):
+        inputs = ag.controller_input(facing_north, goal)
+        assert inputs.shape == (ag.OBS_DIM,)
+        np.testing.assert_allclose(inputs[-2:], expected, atol=1e-6)
+        np.testing.assert_allclose(inputs[:-2], facing_north[2:].astype(np.float32))  # AntMaze's 27-d observation
+    facing_east = ant_observation(0.0, 0.0, 0.0)
+    np.testing.assert_allclose(ag.controller_input(facing_east, (2.0, -1.0))[-2:], (2.0, -1.0), atol=1e-6)
+
+
+def test_the_reward_is_the_speed_toward_the_goal_plus_upright_minus_effort():
+    env = ag.GoalReachingAnt(seed=0)
+    env.reset(goal_distance=3.0)
+    before = env.distance
+    action = np.full(8, 0.5, dtype=np.float32)
+    _, reward, fell, reached, distance = env.step(action)
+    assert not fell and not reached and distance == pytest.approx(float(np.linalg.norm(env.goal - env.state[:2])))
+    assert reward == pytest.approx((before - distance) / 0.05 + 1.0 - 0.5 * 8 * 0.25)
+    env.goal = env.state[:2] + np.array([0.1, 0.0])  # within 0.45 m: reached, +1, and a new goal 1-5 m away
+    env.distance = 0.2
+    _, reward, _, reached, distance = env.step(np.zeros(8, dtype=np.float32))
+    assert reached and reward == pytest.approx((0.2 - distance) / 0.05 + 1.0 + 1.0)
+    assert 1.0 - 0.5 <= env.distance <= 5.0 + 0.5
+
+
+def test_a_few_training_steps_write_a_policy_that_loads(tmp_path):
+    args = ag.Args(total_steps=400, learning_starts=300, batch_size=32, hidden_dim=32, log_every=100,
+                   save_every=200, runs_dir=str(tmp_path / "runs"), policy_file=str(tmp_path / "policy.pt"),
+                   episodes=1, max_steps=20)
+    ag.train(args)
+    act = ag.load_policy(tmp_path / "policy.pt")
+    actions = act(np.zeros((3, ag.OBS_DIM), dtype=np.float32))
+    assert actions.shape == (3, 8) and bool((actions.abs() <= 1).all())
+    saved = torch.load(next((tmp_path / "runs").glob("*/checkpoint.pt")), weights_only=False)
+    assert saved["step"] == 400 and saved["buffer"]["size"] == 400
