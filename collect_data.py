@@ -86,6 +86,8 @@ class Args:
     500 steps is the arm holding the object still), or at 500 steps without one"""
     seed: int = 0
     """seed of the environment and of the noise"""
+    controller: str = "controllers/ant_goal_reacher.pt"
+    """antmaze --kind diverse/expert: the goal-reaching ant that walks from waypoint to waypoint (D4RL's recipe)"""
     overwrite: bool = False
     """replace an existing dataset with the same id"""
 
@@ -239,15 +241,40 @@ def pd_action(maze, planner, xy, velocity, goal_xy, rng, noise):
     Any point of a cell and the centre of a neighbouring cell span a segment inside those two cells,
     so chasing the next cell's centre never drives the ball into a wall corner.
     """
-    cell = tuple(int(v) for v in maze.cell_xy_to_rowcol(xy))
-    goal_cell = tuple(int(v) for v in maze.cell_xy_to_rowcol(goal_xy))
-    if cell == goal_cell or cell not in planner.next_cell[goal_cell]:
-        target = goal_xy
-    else:
-        target = maze.cell_rowcol_to_xy(np.array(planner.next_cell[goal_cell][cell]))
+    target = next_waypoint(maze, planner, xy, goal_xy)
     action = PD_GAINS[0] * (target - xy) + PD_GAINS[1] * velocity
     action = action + noise * rng.standard_normal(2)
     return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+
+def next_waypoint(maze, planner, xy, goal_xy):
+    """The centre of the next cell on the shortest path to the goal's cell, or the goal itself in its cell."""
+    cell = tuple(int(v) for v in maze.cell_xy_to_rowcol(xy))
+    goal_cell = tuple(int(v) for v in maze.cell_xy_to_rowcol(goal_xy))
+    if cell == goal_cell or cell not in planner.next_cell[goal_cell]:
+        return goal_xy
+    return maze.cell_rowcol_to_xy(np.array(planner.next_cell[goal_cell][cell]))
+
+
+def ant_waypoint_policy(maze, planner, controller_file, rng, noise):
+    """D4RL's antmaze recipe: the goal-reaching ant (controllers/ant_goal_reacher.py) walks to the next waypoint of
+    the shortest path to the goal; its action plus N(0, noise²), clipped to [-1, 1]."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "controllers"))
+    from ant_goal_reacher import controller_input, load_policy
+
+    path = Path(controller_file)
+    path = path if path.exists() or path.is_absolute() else Path(__file__).resolve().parent / path
+    if not path.exists():
+        raise SystemExit(f"the ant controller {controller_file} is missing; train one with "
+                         "python controllers/ant_goal_reacher.py (docs/collect_data.md).")
+    act = load_policy(path)
+
+    def policy(obs):
+        waypoint = next_waypoint(maze, planner, obs["achieved_goal"], obs["desired_goal"])
+        inputs = controller_input(np.concatenate([obs["achieved_goal"], obs["observation"]]), waypoint)
+        action = act(inputs[None])[0].numpy()  # (the policy's parameters need no gradients)
+        return np.clip(action + noise * rng.standard_normal(action.shape), -1.0, 1.0).astype(np.float32)
+    return policy
 
 
 def simulator(env):
@@ -311,13 +338,16 @@ def collect(args: Args):
     if args.kind == "random":
         policy = lambda obs: data_env.action_space.sample()
     else:
-        if family != "pointmaze":
-            raise SystemExit(f"--kind {args.kind} is implemented for pointmaze only; use --kind random for {args.env}.")
+        if family not in ("pointmaze", "antmaze"):
+            raise SystemExit(f"--kind {args.kind} is implemented for the mazes only; use --kind random for {args.env}.")
         maze = data_env.unwrapped.maze
         planner = WaypointPlanner(maze_spec(args)["maze_map"])
         noise = args.action_noise if args.kind == "diverse" else 0.1 * args.action_noise
-        policy = lambda obs: pd_action(maze, planner, obs["achieved_goal"], obs["observation"][2:4],
-                                       obs["desired_goal"], rng, noise)
+        if family == "pointmaze":
+            policy = lambda obs: pd_action(maze, planner, obs["achieved_goal"], obs["observation"][2:4],
+                                           obs["desired_goal"], rng, noise)
+        else:
+            policy = ant_waypoint_policy(maze, planner, args.controller, rng, noise)
 
     buffers = []
     if args.kind == "expert":
@@ -452,8 +482,10 @@ def main(args: Args):
     if metaworld and (args.kind != "expert" or args.starts != "reset"):
         raise SystemExit(f"metaworld-pick-place data is the scripted expert's only (--kind expert, its default), "
                          f"without --starts; got --kind {args.kind} --starts {args.starts}.")
-    if args.kind != "random" and not args.env.startswith("pointmaze") and not metaworld:
-        raise SystemExit(f"--kind {args.kind} is implemented for pointmaze only; use --kind random for {args.env}.")
+    if args.kind != "random" and not args.env.startswith(("pointmaze", "antmaze-medium", "antmaze-large")) \
+            and not metaworld:
+        raise SystemExit(f"--kind {args.kind} is implemented for the mazes only (antmaze: medium and large); use "
+                         f"--kind random for {args.env}.")
     if metaworld:  # Meta-World's episodes are at most 500 steps
         args.episode_length = min(args.episode_length, 500)
     for name in ("steps", "episode_length", "episodes", "settle_steps"):

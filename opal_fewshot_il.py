@@ -381,7 +381,8 @@ class HierarchicalPolicy:
 # ======================================================================================================================
 DEFAULT_DEMOS = {"pointmaze-umaze": "opal/pointmaze-umaze-expert-v0", "pointmaze-medium": "opal/pointmaze-medium-expert-v0",
                  "pointmaze-large": "opal/pointmaze-large-expert-v0", "kitchen-mixed": "D4RL/kitchen/complete-v2",
-                 "kitchen-partial": "D4RL/kitchen/complete-v2"}
+                 "kitchen-partial": "D4RL/kitchen/complete-v2", "antmaze-medium-made": "opal/antmaze-medium-expert-v0",
+                 "antmaze-large-made": "opal/antmaze-large-expert-v0"}
 
 
 def demo_dataset_for(args) -> str:

@@ -61,9 +61,12 @@ ENV_ALIASES = {
     "pointmaze-medium": "opal/pointmaze-medium-diverse-v0",
     "pointmaze-large": "opal/pointmaze-large-diverse-v0",
     "metaworld-pick-place": "opal/metaworld-pick-place-expert-v0",
+    # antmaze made here by D4RL's recipe with controllers/ant_goal_reacher.pt (issue 32; not the D4RL data)
+    "antmaze-medium-made": "opal/antmaze-medium-diverse-v0",
+    "antmaze-large-made": "opal/antmaze-large-diverse-v0",
 }
-GENERATED = re.compile(
-    r"opal/(pointmaze-(?:umaze|medium|large|gen(\d+))|metaworld-pick-place)-(diverse|expert)(-anywhere)?-v0")
+GENERATED = re.compile(r"opal/(pointmaze-(?:umaze|medium|large|gen(\d+))|antmaze-(?:medium|large)|metaworld-pick-place)"
+                       r"-(diverse|expert)(-anywhere)?-v0")
 MAZE_FAMILY = re.compile(r"pointmaze-gen-(\d+)")  # --env pointmaze-gen-K: the generated maze of seed K
 
 

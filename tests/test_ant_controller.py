@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "controllers"))
 import ant_goal_reacher as ag  # noqa: E402
@@ -63,3 +63,32 @@ def test_a_few_training_steps_write_a_policy_that_loads(tmp_path):
     assert actions.shape == (3, 8) and bool((actions.abs() <= 1).all())
     saved = torch.load(next((tmp_path / "runs").glob("*/checkpoint.pt")), weights_only=False)
     assert saved["step"] == 400 and saved["buffer"]["size"] == 400
+
+
+def test_d4rls_antmaze_recipe_with_a_controller_makes_a_dataset_the_scripts_read(sandbox, tmp_path):
+    """collect_data.py --env antmaze-large --kind diverse drives a controller (here a barely trained one) from
+    waypoint to waypoint: the dataset passes collect_data's maze checks, has D4RL antmaze's 29-d state layout and
+    D4RL's evaluation task (reset (1, 1), goal (7, 9)); --kind expert writes demonstrations of that task."""
+    import minari
+
+    from opal_utils import load_dataset
+
+    args = ag.Args(total_steps=300, learning_starts=200, batch_size=32, hidden_dim=32, log_every=100, save_every=100,
+                   runs_dir=str(tmp_path / "runs"), policy_file=str(tmp_path / "policy.pt"), episodes=1, max_steps=5)
+    ag.train(args)
+    made = run_script(sandbox, "collect_data.py", "--env", "antmaze-large", "--steps", 1200, "--episode-length", 400,
+                      "--controller", tmp_path / "policy.pt", "--dataset-id", "test/antmaze-made-v0")
+    assert made.returncode == 0, made.stderr[-2000:]
+    dataset, layout, data = load_dataset("test/antmaze-made-v0", "cpu")
+    assert layout == ["achieved_goal", "observation"] and data["observations"].shape[1] == 29
+    assert dataset.total_steps == 1200 and dataset.total_episodes == 3
+    eval_map = dataset.recover_environment(eval_env=True).unwrapped.maze.maze_map
+    assert eval_map[1][1] == "r" and eval_map[7][9] == "g"
+    demos = run_script(sandbox, "collect_data.py", "--env", "antmaze-large", "--kind", "expert", "--episodes", 1,
+                       "--episode-length", 50, "--controller", tmp_path / "policy.pt", "--dataset-id",
+                       "test/antmaze-made-expert-v0")
+    assert demos.returncode == 0, demos.stderr[-2000:]
+    assert minari.load_dataset("test/antmaze-made-expert-v0").total_episodes == 1
+    missing = run_script(sandbox, "collect_data.py", "--env", "antmaze-large", "--steps", 100, "--controller",
+                         tmp_path / "none.pt", "--dataset-id", "test/antmaze-none-v0")
+    assert missing.returncode != 0 and "controller" in missing.stderr and "Traceback" not in missing.stderr
