@@ -61,7 +61,8 @@ class Args:
     log_every: int = 5_000
     runs_dir: str = "runs"
     resume: Optional[str] = None
-    """a run's checkpoint.pt to continue"""
+    """a run's checkpoint.pt to continue (with its replay buffer), or its agent.pt (the networks, temperature and
+    optimisers only: the buffer refills with --learning-starts steps of the policy itself before updates resume)"""
     episodes: int = 100
     """evaluate: episodes, each with one goal --goal-distance away in a random direction"""
     goal_distance: float = 4.0
@@ -168,8 +169,10 @@ def train(args: Args):
     writer = SummaryWriter(str(run_dir))
     agent, step, inputs = None, 0, env.reset()
     if resumed is not None:
-        buffer.load_state_dict(resumed["buffer"])
-        agent = SAC(OBS_DIM, -torch.ones(ACT_DIM), torch.ones(ACT_DIM), sac_args, buffer.data["states"][:buffer.size])
+        if "buffer" in resumed:
+            buffer.load_state_dict(resumed["buffer"])
+        # (the normalisers' statistics come with the networks' state dicts)
+        agent = SAC(OBS_DIM, -torch.ones(ACT_DIM), torch.ones(ACT_DIM), sac_args, torch.zeros(2, OBS_DIM))
         for name in ("task_policy", "critics", "target_critics"):
             getattr(agent, name).load_state_dict(resumed[name])
         agent.log_alpha.data.copy_(resumed["log_alpha"])
@@ -188,6 +191,7 @@ def train(args: Args):
                  **{name: optimizer.state_dict() for name, optimizer in agent.optimizers.items()}}
         torch.save(state, run_dir / "checkpoint.tmp")
         (run_dir / "checkpoint.tmp").replace(run_dir / "checkpoint.pt")
+        torch.save({key: value for key, value in state.items() if key != "buffer"}, run_dir / "agent.pt")
         torch.save({"policy": agent.task_policy.state_dict(), "hidden_dim": args.hidden_dim, "layers": args.layers,
                     "step": step, "seed": args.seed, "command": " ".join(sys.argv)}, run_dir / "ant_goal_reacher.pt")
 
@@ -213,10 +217,10 @@ def train(args: Args):
             writer.add_scalar("charts/goals_reached", reached_goals, step)
             writer.add_scalar("charts/fell", float(fell), step)
             episode_return, episode_length, reached_goals, inputs = 0.0, 0, 0, env.reset()
-        if step == args.learning_starts and agent is None:  # the normalisers fit the random steps' states
+        if buffer.size == args.learning_starts and agent is None:  # the normalisers fit the random steps' states
             agent = SAC(OBS_DIM, -torch.ones(ACT_DIM), torch.ones(ACT_DIM), sac_args,
                         buffer.data["states"][:buffer.size])
-        if agent is not None and step >= args.learning_starts:
+        if agent is not None and buffer.size >= args.learning_starts:
             batch = buffer.sample(args.batch_size, sampler)
             losses = agent.update(batch["states"], batch["choices"], batch["returns"], batch["next_states"],
                                   batch["dones"], torch.tensor(args.gamma))

@@ -53,6 +53,10 @@ def test_the_reward_is_the_speed_toward_the_goal_plus_upright_minus_effort():
     assert 1.0 - 0.5 <= env.distance <= 5.0 + 0.5
 
 
+def saved_updates(saved) -> int:
+    return int(saved["critic_optimizer"]["state"][0]["step"])
+
+
 def test_a_few_training_steps_write_a_policy_that_loads(tmp_path):
     args = ag.Args(total_steps=400, learning_starts=300, batch_size=32, hidden_dim=32, log_every=100,
                    save_every=200, runs_dir=str(tmp_path / "runs"), policy_file=str(tmp_path / "policy.pt"),
@@ -63,6 +67,13 @@ def test_a_few_training_steps_write_a_policy_that_loads(tmp_path):
     assert actions.shape == (3, 8) and bool((actions.abs() <= 1).all())
     saved = torch.load(next((tmp_path / "runs").glob("*/checkpoint.pt")), weights_only=False)
     assert saved["step"] == 400 and saved["buffer"]["size"] == 400
+    # continued from the networks alone (agent.pt, what a later session keeps): the policy refills the buffer first
+    agent_file = next((tmp_path / "runs").glob("*/agent.pt"))
+    ag.train(ag.Args(**{**vars(args), "total_steps": 600, "learning_starts": 100, "resume": str(agent_file)}))
+    again = torch.load(agent_file, weights_only=False)
+    assert again["step"] == 600 and "buffer" not in again
+    # 200 more steps: the first 99 refill the buffer, then one update a step (the 100th step on)
+    assert int(again["critic_optimizer"]["state"][0]["step"]) == saved_updates(saved) + 101
 
 
 def test_d4rls_antmaze_recipe_with_a_controller_makes_a_dataset_the_scripts_read(sandbox, tmp_path):
