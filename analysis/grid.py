@@ -94,10 +94,11 @@ def load_grid(path: Path, only: Optional[str] = None) -> dict:
         raise SystemExit(f"error: {path} has no [experiments.<name>] table")
     runs = []
     for exp_name, experiment in experiments.items():
-        unknown = set(experiment) - {"script", "seeds", "args", "label", "vae", "vae_seed", "cpus", "gpus"}
+        known = {"script", "seeds", "args", "label", "vae", "vae_seed", "cpus", "gpus", "group"}
+        unknown = set(experiment) - known
         if unknown or "script" not in experiment or experiment["script"] not in CHECKPOINT:
             raise SystemExit(f"error: experiment {exp_name} in {path}: needs script = one of "
-                             f"{sorted(CHECKPOINT)}, and knows only script, seeds, args, label, vae, vae_seed, cpus, gpus (got {sorted(unknown)})")
+                             f"{sorted(CHECKPOINT)}, and knows only {', '.join(sorted(known))} (got {sorted(unknown)})")
         if "vae" in experiment and experiments.get(experiment["vae"], {}).get("script") != "opal_vae.py":
             raise SystemExit(f"error: experiment {exp_name}: vae = {experiment['vae']!r} is not an opal_vae.py "
                              "experiment")
@@ -109,6 +110,7 @@ def load_grid(path: Path, only: Optional[str] = None) -> dict:
             vae_seed = experiment.get("vae_seed", seed)
             runs.append({"key": f"{exp_name}/seed{seed}", "experiment": exp_name, "script": experiment["script"],
                          "seed": seed, "flags": flags, "label": experiment.get("label", exp_name),
+                         "group": experiment.get("group"),
                          "vae": f"{experiment['vae']}/seed{vae_seed}" if "vae" in experiment else None,
                          "cpus": experiment.get("cpus", grid.get("cpus_per_run", 1)),
                          "gpus": experiment.get("gpus", grid.get("gpus_per_run", 0)),
@@ -410,6 +412,19 @@ def interval_estimates(per_run: list) -> dict:
             for i, name in enumerate(("iqm", "mean"))}
 
 
+def family_estimates(scores: np.ndarray) -> dict:
+    """IQM and mean over a family of tasks (a `group` of experiments, e.g. one per maze) with 95% stratified-bootstrap
+    intervals (rliable: runs resampled within each task), scores (runs, tasks); as interval_estimates."""
+    from rliable import library as rly, metrics
+
+    np.random.seed(0)
+    aggregate = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
+    points, intervals = rly.get_interval_estimates({"family": np.asarray(scores, dtype=float)}, aggregate, reps=2000,
+                                                   confidence_interval_size=0.95)
+    return {name: (points["family"][i], intervals["family"][0, i], intervals["family"][1, i])
+            for i, name in enumerate(("iqm", "mean"))}
+
+
 LATE_EVALUATIONS = 4  # the table's steadiness column: a run's mean score over its last this many evaluations
 
 
@@ -439,7 +454,7 @@ def report(grid: dict, import_runs=()) -> str:
     for run in grid["runs"]:
         experiments.setdefault(run["experiment"], []).append(run)
     cell = lambda estimate: f"{estimate[0]:.1f} [{estimate[1]:.1f}, {estimate[2]:.1f}]"
-    policy_rows, vae_rows, scores = [], [], {}
+    policy_rows, vae_rows, scores, groups = [], [], {}, {}
     for name, runs in experiments.items():
         records = [matched[run["key"]] for run in runs if run["key"] in matched]
         missing = len(runs) - len(records)
@@ -462,6 +477,8 @@ def report(grid: dict, import_runs=()) -> str:
                             + f" | {mean_std('vae_sps', 1)} |")
             continue
         final = [r["summary"]["last_normalized_score"] for r in records]
+        if runs[0]["group"] is not None:
+            groups.setdefault(runs[0]["group"], []).append((name, len(runs), final))
         best = [r["summary"]["best_normalized_score"] for r in records]
         final_estimates, best_estimates = interval_estimates(final), interval_estimates(best)
         late = [late_score(r) for r in records]
@@ -474,6 +491,19 @@ def report(grid: dict, import_runs=()) -> str:
                            f"{cell(final_estimates['mean'])} | {cell(best_estimates['iqm'])} | {late_cell} | "
                            f"{', '.join(f'{score:.0f}' for score in final)} | {distance:.2f} | {sps:.0f} |")
     lines = []
+    group_rows = []
+    for group, members in groups.items():  # a family: every experiment of the group one task, its seeds the runs
+        complete = [final for _, planned, final in members if len(final) == planned]
+        per_task = ", ".join(f"{name} {np.mean(final):.0f}" for name, _, final in members)
+        if len({len(final) for final in complete}) == 1:
+            estimates = family_estimates(np.array(complete).T)
+            group_rows.append(f"| {group} | {len(complete)} × {len(complete[0])} | {cell(estimates['iqm'])} | "
+                              f"{cell(estimates['mean'])} | {per_task} |")
+        else:
+            group_rows.append(f"| {group} | not finished | – | – | {per_task} |")
+    if group_rows:
+        lines += ["| group (tasks × seeds, finished tasks only) | runs | final score, IQM [95% stratified CI] | "
+                  "final, mean [95% CI] | per task, mean over seeds |", "|---|---|---|---|---|", *group_rows, ""]
     if policy_rows:
         lines += ["| dataset | method | runs | final score, IQM [95% CI] | final, mean [95% CI] | best during "
                   f"training, IQM [95% CI] | mean of the last {LATE_EVALUATIONS} evaluations, IQM [95% CI] | "

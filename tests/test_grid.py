@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,7 +152,7 @@ def test_grid_files_are_checked(tmp_path):
     with pytest.raises(SystemExit, match="is not an opal_vae.py experiment"):
         gr.load_grid(bad)
     bad.write_text('[experiments.a]\nscript = "opal_cql.py"\nseed = [1]\n')
-    with pytest.raises(SystemExit, match=r"knows only script, seeds.*\['seed'\]"):
+    with pytest.raises(SystemExit, match=r"knows only args, cpus, gpus, group, label, script, seeds.*\['seed'\]"):
         gr.load_grid(bad)
     bad.write_text('[experiments.v]\nscript = "opal_vae.py"\nseeds = [1]\n[experiments.a]\nscript = "opal_cql.py"\n'
                    'seeds = [2]\nvae = "v"\n')
@@ -244,3 +245,16 @@ def test_a_run_whose_worker_dies_is_retried_and_resumes(sandbox, datasets, tmp_p
     assert len(commands) == 2 and "--resume" in commands[1]  # started once, resumed once, not started afresh
     checkpoint = gr.latest_checkpoint({"dir": str(log.parent), "script": "opal_cql.py"})
     assert torch.load(checkpoint, weights_only=True)["step"] == 2000 and gr.is_finished(checkpoint)
+
+
+def test_a_family_of_tasks_is_aggregated_over_tasks_and_seeds():
+    """A `group` of experiments (one a maze): IQM over every run of every task; the stratified bootstrap resamples
+    seeds within each task, so a task whose seeds agree contributes no spread of its own."""
+    scores = np.array([[0.0, 10.0, 20.0, 30.0], [40.0, 50.0, 60.0, 100.0]])  # (2 seeds, 4 tasks)
+    estimates = gr.family_estimates(scores)
+    assert estimates["iqm"][0] == pytest.approx((20 + 30 + 40 + 50) / 4)  # the middle half of the 8 runs
+    assert estimates["mean"][0] == pytest.approx(scores.mean())
+    assert estimates["iqm"][1] <= estimates["iqm"][0] <= estimates["iqm"][2]
+    assert gr.family_estimates(scores) == estimates  # a fixed seed: the same table every time
+    steady = gr.family_estimates(np.array([[10.0, 90.0], [10.0, 90.0]]))  # seeds agree within each task
+    assert steady["mean"][1] == pytest.approx(50.0) and steady["mean"][2] == pytest.approx(50.0)
