@@ -292,37 +292,56 @@ def worker(shard_file: Path, out: Path, timeout: int):
     signal.signal(signal.SIGALRM, on_alarm)
     for line in shard_file.read_text().splitlines():
         mutant = json.loads(line)
-        file = mutant["target"].split(":")[0]
-        module = modules[file]
-        original = dict(module.__dict__)
-        readers = [m for m in list(sys.modules.values()) if m is not module
-                   and str(getattr(m, "__file__", None) or "").startswith(str(ROOT))]  # ours: scripts and tests
-        imported = [(m, name) for m in readers for name, value in list(vars(m).items())
-                    if name in original and original[name] is value and not name.startswith("__")
-                    and not isinstance(value, type(os))]
+        sources = mutant.get("sources") or {mutant["target"].split(":")[0]: mutant["source"]}  # file -> mutated text
+        readers = [m for m in list(sys.modules.values())
+                   if str(getattr(m, "__file__", None) or "").startswith(str(ROOT))]  # ours: scripts and tests
+        originals, imported = {}, []
+        for file in sources:
+            module = modules[file]
+            originals[file] = dict(module.__dict__)
+            imported += [(m, name, file) for m in readers if m is not module for name, value in list(vars(m).items())
+                         if name in originals[file] and originals[file][name] is value and not name.startswith("__")
+                         and not isinstance(value, type(os))]
+        tests = list(dict.fromkeys([*COMMON, *(test for file in sources for test in TESTS[file])]))
         try:
-            exec(compile(mutant["source"], str(ROOT / file), "exec"), module.__dict__)
-            for reader, name in imported:
-                setattr(reader, name, module.__dict__[name])
+            for file, source in sources.items():
+                exec(compile(source, str(ROOT / file), "exec"), modules[file].__dict__)
+            for reader, name, file in imported:
+                setattr(reader, name, modules[file].__dict__[name])
             signal.alarm(timeout)
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
                 code = pytest.main(["-x", "-q", "-m", "not script and not learning", "-p", "no:cacheprovider",
-                                    *COMMON, *TESTS[file]])
+                                    *tests])
             killed = code != 0
         except BaseException:  # the module itself fails to run, or the timeout
             killed = True
         finally:
             signal.alarm(0)
-            module.__dict__.clear()
-            module.__dict__.update(original)
-            for reader, name in imported:
-                setattr(reader, name, original[name])
+            for file, original in originals.items():
+                modules[file].__dict__.clear()
+                modules[file].__dict__.update(original)
+            for reader, name, file in imported:
+                setattr(reader, name, originals[file][name])
         record = {"key": mutant["key"], "target": mutant["target"], "line": mutant["line"], "kind": mutant["kind"],
                   "original": mutant["original"], "mutated": mutant["mutated"], "killed": killed}
         with open(out, "a") as results:
             results.write(json.dumps(record) + "\n")
         print(f"{'killed  ' if killed else 'SURVIVED'} {record['target']}:{record['line']} {record['kind']}: "
               f"{record['original']!r} -> {record['mutated']!r}", file=sys.__stdout__, flush=True)
+
+
+def run_in_process(mutants: list, jobs: int, out: Path, timeout: int):
+    """Runs `mutants` (dicts with key, target, and source or sources {file: text}) in `jobs` worker processes;
+    each appends its records to `out` (also used by tests/mutation_check.py --in-process)."""
+    shards, workers = Path(tempfile.mkdtemp()), []
+    for job in range(jobs):
+        shard = shards / f"shard{job}.jsonl"
+        shard.write_text("".join(json.dumps(m) + "\n" for m in mutants[job::jobs]))
+        workers.append(subprocess.Popen([sys.executable, __file__, "--worker", str(shard), "--out", str(out),
+                                         "--timeout", str(timeout)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                        stdout=sys.stdout, stderr=subprocess.DEVNULL))
+    for process in workers:
+        process.wait()
 
 
 def main():
@@ -363,17 +382,7 @@ def main():
     print(f"{len(mutants)} mutants, {len(mutants) - len(todo)} already in {out}, {len(todo)} to run", flush=True)
     started = time.time()
     if args.in_process and todo:  # --jobs worker processes, each running its share of the mutants in-process
-        shards = Path(tempfile.mkdtemp())
-        workers = []
-        for job in range(args.jobs):
-            shard = shards / f"shard{job}.jsonl"
-            shard.write_text("".join(json.dumps({**m, "key": key_of(m)}) + "\n" for m in todo[job::args.jobs]))
-            workers.append(subprocess.Popen([sys.executable, __file__, "--worker", str(shard), "--out", str(out),
-                                             "--timeout", str(args.timeout)],
-                                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=sys.stdout,
-                                            stderr=subprocess.DEVNULL))
-        for process in workers:
-            process.wait()
+        run_in_process([{**m, "key": key_of(m)} for m in todo], args.jobs, out, args.timeout)
         for line in out.read_text().splitlines():
             record = json.loads(line)
             done[record["key"]] = record
