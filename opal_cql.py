@@ -110,6 +110,17 @@ class Args:
     relabel_stride: Optional[int] = None
     """start of one high-level window every this many steps; default c (the paper's partition of trajectories)"""
 
+    # The value method: CQL (the paper's), or IQL (in-support values; SUPE runs it on OPAL-style skills)
+    algorithm: Literal["cql", "iql"] = "cql"
+    """cql: conservative Q-learning (the paper's); iql: implicit Q-learning (Kostrikov et al. 2022): expectile values
+    of the data's own choices and advantage-weighted extraction, no choice outside the data is ever scored"""
+    iql_expectile: float = 0.9
+    """IQL: expectile τ of V(s) under Q(s, c) of the data's choices (IQL's antmaze setting: 0.9)"""
+    iql_temperature: float = 10.0
+    """IQL: inverse temperature β of the policy's weights exp(β (Q - V)) (IQL's antmaze setting: 10)"""
+    iql_max_weight: float = 100.0
+    """IQL: the weights are clipped at this (IQL and CORL: 100)"""
+
     # CQL; defaults follow CORL's antmaze configuration unless marked "ours"
     total_steps: Optional[int] = None
     """gradient steps; default 1,000,000 for D4RL aliases (CORL), 30,000 otherwise (ours: pointmaze on a CPU, chosen
@@ -130,6 +141,8 @@ class Args:
     """hidden layers of the task policy (CORL)"""
     critic_layers: Optional[int] = None
     """hidden layers of each critic; default 5 for D4RL aliases (CORL antmaze), 3 otherwise (ours)"""
+    critic_layer_norm: bool = False
+    """normalise each hidden layer of the critics (ReBRAC, Tarasov et al. 2023; ours as an option)"""
     cql_alpha: float = 5.0
     """weight of the CQL regulariser (CORL antmaze: 5)"""
     lagrange: Optional[bool] = None
@@ -142,10 +155,11 @@ class Args:
     """choices sampled per state for the CQL regulariser and the max-target backup (CORL)"""
     max_target_backup: bool = True
     """back up the max over sampled next choices of the min over critics (CORL antmaze)"""
-    reward_scale: float = 10.0
-    """r' = reward_scale * r + reward_bias per low-level step (CORL antmaze: 10, -5)"""
-    reward_bias: float = -5.0
-    """see --reward-scale"""
+    reward_scale: Optional[float] = None
+    """r' = reward_scale * r + reward_bias per low-level step; default 10 with CQL (CORL's CQL on antmaze: 10, -5),
+    1 with IQL (CORL's and IQL's antmaze: r - 1)"""
+    reward_bias: Optional[float] = None
+    """see --reward-scale; default -5 with CQL, -1 with IQL"""
     policy_bc_steps: int = 0
     """first gradient steps in which the task policy imitates the dataset's choices instead of maximising Q"""
 
@@ -163,6 +177,12 @@ class Args:
                  "or use --primitives none for plain CQL.")
         if self.lagrange is None:
             self.lagrange = self.primitives == "none"
+        if not 0 < self.iql_expectile < 1 or self.iql_temperature < 0 or self.iql_max_weight <= 0:
+            fail("--iql-expectile must lie in (0, 1), --iql-temperature be non-negative and --iql-max-weight "
+                 "positive.")
+        shaping = {"cql": (10.0, -5.0), "iql": (1.0, -1.0)}[self.algorithm]
+        self.reward_scale = shaping[0] if self.reward_scale is None else self.reward_scale
+        self.reward_bias = shaping[1] if self.reward_bias is None else self.reward_bias
         if self.vae_ckpt:  # saved in opal_cql.pt: resuming from another folder still finds it
             self.vae_ckpt = str(Path(self.vae_ckpt).resolve())
 
@@ -409,15 +429,19 @@ class VectorizedLinear(nn.Module):
 
 
 class Critics(nn.Module):
-    """Twin (or more) Q(s, a) networks evaluated together; returns (ensemble, batch)."""
+    """Twin (or more) Q(s, a) networks evaluated together; returns (ensemble, batch). `layer_norm`: each hidden
+    layer's output normalised (no learned scale), as ReBRAC's critics (Tarasov et al., 2023), which bounds how far Q
+    extrapolates away from the data."""
 
-    def __init__(self, obs_dim, act_dim, hidden_dim=256, layers=5, ensemble=2):
+    def __init__(self, obs_dim, act_dim, hidden_dim=256, layers=5, ensemble=2, layer_norm=False):
         super().__init__()
         self.normalize = Normalizer(obs_dim)
         widths = [obs_dim + act_dim] + [hidden_dim] * layers
         blocks = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):
-            blocks += [VectorizedLinear(width_in, width_out, ensemble), nn.ReLU()]
+            blocks += [VectorizedLinear(width_in, width_out, ensemble)]
+            blocks += [nn.LayerNorm(width_out, elementwise_affine=False)] if layer_norm else []
+            blocks += [nn.ReLU()]
         self.net = nn.Sequential(*blocks, VectorizedLinear(hidden_dim, 1, ensemble))
         self.ensemble = ensemble
 
@@ -431,6 +455,22 @@ class Critics(nn.Module):
 # --- end shared ---
 
 
+def policy_and_critics(obs_dim, choice_low, choice_high, args, all_states) -> tuple:
+    """The task policy, the critics and their target copy, input normalisers fitted on the data's states (CQL's and
+    IQL's alike); compiled in place with --compile (parameter names, and so checkpoints, stay the eager modules')."""
+    task_policy = TanhGaussianPolicy(obs_dim, len(choice_low), choice_low, choice_high, args.hidden_dim,
+                                     args.policy_layers).to(all_states.device)
+    critics = Critics(obs_dim, len(choice_low), args.hidden_dim, args.critic_layers,
+                      layer_norm=args.critic_layer_norm).to(all_states.device)
+    for module in (task_policy, critics):
+        module.normalize.fit(all_states)
+    target_critics = copy.deepcopy(critics).requires_grad_(False)
+    if args.compile:
+        for module in (task_policy, critics, target_critics):
+            module.compile()
+    return task_policy, critics, target_critics
+
+
 class CQL:
     """Conservative Q-learning (Kumar et al., 2020) over choices, as CORL runs it on antmaze: twin critics Q_1, Q_2
     with Polyak-averaged targets Q̄_i, a tanh-Gaussian task policy π with a tuned entropy temperature α (SAC), and the
@@ -440,15 +480,8 @@ class CQL:
     def __init__(self, obs_dim, choice_low, choice_high, args, all_states, prior=None):
         device, choice_dim = all_states.device, len(choice_low)
         self.args, self.low, self.high, self.prior = args, choice_low, choice_high, prior
-        self.task_policy = TanhGaussianPolicy(obs_dim, choice_dim, choice_low, choice_high, args.hidden_dim,
-                                              args.policy_layers).to(device)
-        self.critics = Critics(obs_dim, choice_dim, args.hidden_dim, args.critic_layers).to(device)
-        for module in (self.task_policy, self.critics):
-            module.normalize.fit(all_states)
-        self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
-        if args.compile:  # in place: parameter names, and so checkpoints, stay those of the eager modules
-            for module in (self.task_policy, self.critics, self.target_critics):
-                module.compile()
+        self.task_policy, self.critics, self.target_critics = policy_and_critics(obs_dim, choice_low, choice_high,
+                                                                                 args, all_states)
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)  # entropy temperature α
         self.log_alpha_prime = torch.zeros((), device=device, requires_grad=True)  # CQL weight multiplier α'
         self.target_entropy = -float(choice_dim)
@@ -530,6 +563,88 @@ class CQL:
     CHECKPOINTED = ("task_policy", "critics", "target_critics"), ("log_alpha", "log_alpha_prime")
 
 
+class ValueNetwork(nn.Module):
+    """V(s): IQL's state value."""
+
+    def __init__(self, obs_dim, hidden_dim=256, layers=3):
+        super().__init__()
+        self.normalize = Normalizer(obs_dim)
+        self.net = mlp(obs_dim, hidden_dim, 1, layers)
+
+    def forward(self, states):
+        with torch.autocast(states.device.type, enabled=False):  # in fp32, as Q
+            return self.net(self.normalize(states).float()).squeeze(-1)
+
+
+class IQL:
+    """Implicit Q-learning (Kostrikov et al., 2022) over choices, the in-support alternative to CQL (--algorithm iql):
+    V(s) is an upper expectile of Q̄(s, c) over the data's own choices c, the twin critics back up R + γ_hl V(s'),
+    and the task policy is the data's choices weighted by exp(β (Q̄(s, c) - V(s))), clipped (advantage-weighted
+    regression). No choice outside the data is scored by a critic, so nothing needs a conservative penalty. The
+    prior's pull and --policy-bc-steps act as in CQL. `update` is one gradient step of all three: V first, then Q and
+    π with the new V (the order of IQL's own code)."""
+
+    def __init__(self, obs_dim, choice_low, choice_high, args, all_states, prior=None):
+        device = all_states.device
+        self.args, self.low, self.high, self.prior = args, choice_low, choice_high, prior
+        self.task_policy, self.critics, self.target_critics = policy_and_critics(obs_dim, choice_low, choice_high,
+                                                                                 args, all_states)
+        self.value = ValueNetwork(obs_dim, args.hidden_dim, args.critic_layers).to(device)
+        self.value.normalize.fit(all_states)
+        if args.compile:
+            self.value.compile()
+        self.optimizers = {
+            "policy_optimizer": torch.optim.Adam(self.task_policy.parameters(), lr=args.policy_lr, fused=True),
+            "critic_optimizer": torch.optim.Adam(self.critics.parameters(), lr=args.critic_lr, fused=True),
+            "value_optimizer": torch.optim.Adam(self.value.parameters(), lr=args.critic_lr, fused=True)}
+        self.graphed_step = GraphedUpdate(
+            self.gradient_step, [self.task_policy, self.critics, self.target_critics, self.value], [],
+            self.optimizers.values(), args.cudagraph and device.type == "cuda")
+
+    def update(self, s, choice, reward, s_next, done, discount, step: int) -> dict:
+        """Gradient step number `step` on B transitions (s, c, R, s', done, γ_hl); returns the losses (0-d tensors)."""
+        return self.graphed_step(s, choice, reward, s_next, done, discount, step <= self.args.policy_bc_steps)
+
+    def gradient_step(self, s, choice, reward, s_next, done, discount, imitate: bool) -> dict:
+        args = self.args
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            with torch.no_grad():
+                q_target = self.target_critics(s, choice).min(0).values  # min_i Q̄_i(s, c) of the data's choice
+            # V: the expectile loss |τ - 1(u < 0)| u², u = Q̄(s, c) - V(s)
+            value = self.value(s)
+            u = q_target - value
+            value_loss = ((args.iql_expectile - (u < 0).float()).abs() * u ** 2).mean()
+        self.step("value_optimizer", value_loss)
+
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            with torch.no_grad():  # y = R + γ_hl (1 - done) V(s')
+                target = reward + (1 - done) * discount * self.value(s_next)
+            q_data = self.critics(s, choice)  # (E, B)
+            td_loss = 0.5 * ((q_data - target) ** 2).mean(1).sum()  # Σ_i ½ E[(Q_i(s, c) - y)²]
+        self.step("critic_optimizer", td_loss)
+
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            # advantage-weighted regression: max E[w log π(c|s)], w = min(exp(β (Q̄(s, c) - V(s))), max weight)
+            with torch.no_grad():
+                advantage = q_target - self.value(s)  # with V after its step, as IQL's code (CORL: before)
+            weights = torch.ones_like(advantage) if imitate else (
+                (args.iql_temperature * advantage).exp().clamp(max=args.iql_max_weight))
+            policy_loss = -(weights * self.task_policy.log_prob(s, choice)).mean()
+            if self.prior is not None:  # + λ KL(π(·|s) || ρ(·|s)), estimated with one reparameterised sample
+                new_choice, log_prob = self.task_policy(s)
+                policy_loss = policy_loss + args.prior_kl_weight * (
+                    log_prob - gaussian_log_prob(new_choice, *self.prior(s))).mean()
+        self.step("policy_optimizer", policy_loss)
+        with torch.no_grad():  # Q̄ ← τ Q + (1 - τ) Q̄
+            torch._foreach_lerp_(list(self.target_critics.parameters()), list(self.critics.parameters()), args.tau)
+        return {"td_loss": td_loss, "value_loss": value_loss, "policy_loss": policy_loss, "q_data": q_data.mean(),
+                "v_data": value.mean(), "advantage": advantage.mean()}
+
+    step = CQL.step  # one optimiser's step on a loss, as CQL's
+
+    CHECKPOINTED = ("task_policy", "critics", "target_critics", "value"), ()  # (no temperatures)
+
+
 # --- shared: execution ---
 class HierarchicalPolicy:
     """OPAL at test time: every c steps the task policy picks z (deterministically, tanh of its mean) in every
@@ -589,7 +704,8 @@ if __name__ == "__main__":
         if args.prior_kl_weight > 0:
             prior = Prior(obs_dim, vae["latent_dim"], vae["hidden_dim"]).to(device)
             prior.requires_grad_(False).load_state_dict(vae["prior"])
-    agent = CQL(obs_dim, choice_low, choice_high, args, data["observations"], prior)
+    method = {"cql": CQL, "iql": IQL}[args.algorithm]
+    agent = method(obs_dim, choice_low, choice_high, args, data["observations"], prior)
     # bf16 autocast if a probe measures it faster: the critics on as many rows as the update's CQL term gives them
     rows = slice(0, args.batch_size * (1 + 3 * args.cql_n_actions))
     args.bf16 = use_bf16(args.bf16, device, lambda: agent.critics(states[rows], choices[rows]).sum(),
@@ -600,7 +716,8 @@ if __name__ == "__main__":
               "choice_high": choice_high.tolist()}
     run_dir, writer = open_run(args, config, resumed_dir)
     print(f"{dataset_id}: {len(starts)} {'high-level' if c > 1 else 'low-level'} transitions (c = {c}), "
-          f"{int(done.sum())} of them reach the goal; {args.total_steps} CQL steps; run dir {run_dir}")
+          f"{int(done.sum())} of them reach the goal; {args.total_steps} {args.algorithm.upper()} steps; "
+          f"run dir {run_dir}")
     sampler = torch.Generator(device=device).manual_seed(args.seed)
     checkpoint_path, summary, first_step = run_dir / "opal_cql.pt", {}, 1
     if resumed is not None:  # networks, optimisers, temperatures, step counter and random number generators
@@ -621,12 +738,12 @@ if __name__ == "__main__":
             **agent_state_dict(agent, *agent.CHECKPOINTED), "step": step, "finished": finished,
             "summary": dict(summary), "rng": random_state(sampler)})
 
-    # CQL on the relabelled transitions, evaluating the task policy with its primitives every --eval-every steps
+    # CQL (or IQL) on the relabelled transitions, evaluating the task policy with its primitives every --eval-every steps
     evaluator = Evaluator(dataset, layout, args.num_envs, writer, summary)
     policy = HierarchicalPolicy(agent.task_policy, primitive_policy, c)  # what acts in the evaluation episodes
-    loop = Loop("CQL", first=first_step, last=args.total_steps, args=args, writer=writer, summary=summary,
-                save=checkpoint, checkpoint_path=checkpoint_path, stop_requested=stop_requested,
-                show=("q_data", "cql_gap"), desc=f"CQL ({args.primitives})")
+    loop = Loop(args.algorithm.upper(), first=first_step, last=args.total_steps, args=args, writer=writer,
+                summary=summary, save=checkpoint, checkpoint_path=checkpoint_path, stop_requested=stop_requested,
+                show=("q_data", "cql_gap", "v_data"), desc=f"{args.algorithm.upper()} ({args.primitives})")
     for step in loop:
         batch = torch.randint(len(starts), (args.batch_size,), device=device, generator=sampler)
         losses = agent.update(states[batch], choices[batch], returns[batch], next_states[batch], done[batch],

@@ -370,15 +370,19 @@ class VectorizedLinear(nn.Module):
 
 
 class Critics(nn.Module):
-    """Twin (or more) Q(s, a) networks evaluated together; returns (ensemble, batch)."""
+    """Twin (or more) Q(s, a) networks evaluated together; returns (ensemble, batch). `layer_norm`: each hidden
+    layer's output normalised (no learned scale), as ReBRAC's critics (Tarasov et al., 2023), which bounds how far Q
+    extrapolates away from the data."""
 
-    def __init__(self, obs_dim, act_dim, hidden_dim=256, layers=5, ensemble=2):
+    def __init__(self, obs_dim, act_dim, hidden_dim=256, layers=5, ensemble=2, layer_norm=False):
         super().__init__()
         self.normalize = Normalizer(obs_dim)
         widths = [obs_dim + act_dim] + [hidden_dim] * layers
         blocks = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):
-            blocks += [VectorizedLinear(width_in, width_out, ensemble), nn.ReLU()]
+            blocks += [VectorizedLinear(width_in, width_out, ensemble)]
+            blocks += [nn.LayerNorm(width_out, elementwise_affine=False)] if layer_norm else []
+            blocks += [nn.ReLU()]
         self.net = nn.Sequential(*blocks, VectorizedLinear(hidden_dim, 1, ensemble))
         self.ensemble = ensemble
 

@@ -89,7 +89,8 @@ if __name__ == "__main__":
             continue
         task_policy, primitive_policy = policies_from_checkpoint(payload, oc.TanhGaussianPolicy, oc.PrimitivePolicy)
         saved, c = payload["args"], payload["c"]
-        critics = oc.Critics(payload["obs_dim"], payload["choice_dim"], saved["hidden_dim"], saved["critic_layers"])
+        critics = oc.Critics(payload["obs_dim"], payload["choice_dim"], saved["hidden_dim"], saved["critic_layers"],
+                             layer_norm=saved.get("critic_layer_norm", False))
         critics.load_state_dict(payload["critics"])
         if payload["dataset_id"] not in loaded:
             dataset = load_minari_dataset(payload["dataset_id"])

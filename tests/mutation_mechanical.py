@@ -52,6 +52,7 @@ TARGETS = [
     "opal_cql.py:relabel", "opal_cql.py:task_rewards", "opal_cql.py:backup_discounts", "opal_cql.py:latent_box",
     "opal_cql.py:TanhGaussianPolicy.forward", "opal_cql.py:TanhGaussianPolicy.log_prob", "opal_cql.py:Critics.forward",
     "opal_cql.py:CQL.update", "opal_cql.py:CQL.gradient_step", "opal_cql.py:HierarchicalPolicy.__call__",
+    "opal_cql.py:ValueNetwork.forward", "opal_cql.py:IQL.update", "opal_cql.py:IQL.gradient_step",
     # opal_fewshot_il.py: relabelling the demonstrations, their box, the imitation and fine-tuning steps
     "opal_fewshot_il.py:relabel_demonstrations", "opal_fewshot_il.py:demonstration_box",
     "opal_fewshot_il.py:task_policy_nll", "opal_fewshot_il.py:imitation_update",

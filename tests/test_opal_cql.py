@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import opal_cql as oc
 from conftest import assert_refused, run_script
 from opal_utils import (
-    CHECKPOINT_FORMAT_VERSION, Loop, load_checkpoint, load_upstream, policies_from_checkpoint, resolve_dataset_id,
-    save_checkpoint
+    CHECKPOINT_FORMAT_VERSION, Loop, load_agent_state_dict, load_checkpoint, load_upstream, policies_from_checkpoint,
+    resolve_dataset_id, save_checkpoint
 )
 
 TINY = ["--hidden-dim", 32, "--critic-layers", 2, "--policy-layers", 2, "--batch-size", 32, "--cql-n-actions", 3,
@@ -306,6 +306,30 @@ def test_high_level_options_run(sandbox, datasets, vae_checkpoints):
     assert (boxes["std"][0] > boxes["minmax"][0]).all() and (boxes["std"][1] < boxes["minmax"][1]).all()
 
 
+@pytest.mark.parametrize("primitives", ["opal", "none"])
+def test_iql_runs_end_to_end_and_its_checkpoint_loads(sandbox, datasets, vae_checkpoints, primitives):
+    """--algorithm iql (with layer-normalised critics): 30 updates of V, the critics and the policy, IQL's reward
+    shaping saved, and the checkpoint puts every network and optimiser back into a fresh agent."""
+    extra = ["--vae-ckpt", vae_checkpoints["pointmaze"]] if primitives == "opal" else []
+    result = run_cql(sandbox, "--dataset-id", datasets["pointmaze"], "--primitives", primitives, "--algorithm", "iql",
+                     "--critic-layer-norm", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "30 IQL steps" in result.stdout and "step 30: normalized score" in result.stdout
+    checkpoint_path = Path([l for l in result.stdout.splitlines() if l.startswith("checkpoint: ")][-1][12:])
+    payload = load_checkpoint(checkpoint_path, "opal_cql")
+    assert (payload["args"]["reward_scale"], payload["args"]["reward_bias"]) == (1.0, -1.0)
+    for name in ("critic_optimizer", "policy_optimizer", "value_optimizer"):
+        assert {int(state["step"]) for state in payload[name]["state"].values()} == {30}
+    assert all(np.isfinite(scalars(checkpoint_path.parent, "losses/value_loss")))
+    args = oc.Args(**payload["args"])
+    low, high = torch.tensor(payload["choice_low"]), torch.tensor(payload["choice_high"])
+    agent = oc.IQL(payload["obs_dim"], low, high, args, torch.randn(8, payload["obs_dim"]))
+    load_agent_state_dict(agent, payload, *agent.CHECKPOINTED)
+    for name in agent.CHECKPOINTED[0]:
+        saved = payload[name]
+        assert all(torch.equal(value, saved[key]) for key, value in getattr(agent, name).state_dict().items()), name
+
+
 def test_defaults_are_the_papers_and_corls():
     """The hyperparameters a user gets without flags: the paper's for the β-VAE (Ajay et al. 2021, App. B), CORL's
     antmaze configuration for CQL; the ones marked "ours" in --help are pinned here too, so a change is deliberate."""
@@ -318,6 +342,10 @@ def test_defaults_are_the_papers_and_corls():
     assert (cql.cql_alpha, cql.lagrange, cql.target_action_gap, cql.cql_n_actions, cql.max_target_backup) == \
         (5.0, True, 0.8, 10, True)
     assert (cql.reward_scale, cql.reward_bias, cql.policy_layers) == (10.0, -5.0, 3)
+    iql = oc.Args(primitives="none", algorithm="iql")  # IQL's antmaze settings (Kostrikov et al. 2022; CORL)
+    assert (iql.reward_scale, iql.reward_bias, iql.iql_expectile, iql.iql_temperature, iql.iql_max_weight) == \
+        (1.0, -1.0, 0.9, 10.0, 100.0)
+    assert (cql.algorithm, cql.critic_layer_norm) == ("cql", False)
     # ours: on the latent space the CQL weight stays fixed at --cql-alpha, unless asked for
     assert (oc.Args(vae_ckpt="opal_vae.pt").lagrange, oc.Args(vae_ckpt="opal_vae.pt", lagrange=True).lagrange,
             oc.Args(primitives="none", lagrange=False).lagrange) == (False, True, False)

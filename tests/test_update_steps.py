@@ -163,17 +163,21 @@ OBS, CHOICE = 3, 2
 LOW, HIGH = torch.tensor([-2.0, 0.5]), torch.tensor([2.0, 1.5])
 
 
+def offline_agent(method, prior: bool, settings: dict):
+    """opal_cql.py's CQL or IQL with these Args, on states around 1 (spread 2), with a fitted prior or none."""
+    args = oc.Args(**settings)
+    prior_network = oc.Prior(OBS, CHOICE, 8).requires_grad_(False) if prior else None
+    if prior:
+        prior_network.normalize.fit(torch.randn(40, OBS) * 2 + 1)
+    return method(OBS, LOW, HIGH, args, torch.randn(40, OBS) * 2 + 1, prior_network), args
+
+
 def cql_agent(prior: bool, **overrides):
     torch.manual_seed(0)
     settings = dict(primitives="none", lagrange=not prior, hidden_dim=16, critic_layers=2, policy_layers=2,
                     bf16=False, cql_n_actions=3, cql_alpha=2.5, target_action_gap=0.4, tau=0.2, critic_lr=3e-3,
                     policy_lr=2e-3, prior_kl_weight=0.7, policy_bc_steps=2)
-    settings.update(overrides)
-    args = oc.Args(**settings)
-    prior_network = oc.Prior(OBS, CHOICE, 8).requires_grad_(False) if prior else None
-    if prior:
-        prior_network.normalize.fit(torch.randn(40, OBS) * 2 + 1)
-    agent = oc.CQL(OBS, LOW, HIGH, args, torch.randn(40, OBS) * 2 + 1, prior_network)
+    agent, args = offline_agent(oc.CQL, prior, {**settings, **overrides})
     with torch.no_grad():
         agent.log_alpha.fill_(math.log(0.37))  # α = 0.37
         agent.log_alpha_prime.fill_(math.log(1.7))  # α' = 1.7
@@ -188,6 +192,21 @@ def assert_optimizers_hold(agent, expected: dict):
         group = agent.optimizers[name].param_groups[0]
         assert group["lr"] == lr, f"{name}: learning rate {group['lr']}, expected {lr}"
         assert [id(p) for p in group["params"]] == [id(p) for p in parameters], f"{name}: other parameters"
+
+
+def assert_steps_taken(agent, expected: dict, **optimizers):
+    """Each named optimiser took the reference's step ({what: optimiser name}), and the targets were averaged."""
+    for what, optimizer in optimizers.items():
+        assert_optimizer_took(agent.optimizers[optimizer], *expected[what], what)
+    for actual, wanted in zip(agent.target_critics.parameters(), expected["targets"].parameters()):
+        torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-6)
+
+
+def prior_pull(agent, args, state, sample, log_prob):
+    """λ (log π(c̃|s) - log ρ(c̃|s)) of one state and its policy sample c̃; 0 without a prior."""
+    if agent.prior is None:
+        return 0.0
+    return args.prior_kl_weight * (log_prob - prior_log_density(agent.prior, state[None], sample[None])[0])
 
 
 def cql_reference(agent, args, batch, imitate: bool):
@@ -250,11 +269,7 @@ def cql_reference(agent, args, batch, imitate: bool):
     terms = []
     for b in range(B):
         value = data_log_prob[b] if imitate else min(q_new[i, b] for i in range(E))
-        term = alpha * log_prob[b] - value
-        if agent.prior is not None:
-            term = term + args.prior_kl_weight * (log_prob[b] - prior_log_density(agent.prior, s[b:b + 1],
-                                                                                     new_choice[b:b + 1])[0])
-        terms.append(term)
+        terms.append(alpha * log_prob[b] - value + prior_pull(agent, args, s[b], new_choice[b], log_prob[b]))
     policy_parameters = list(policy.parameters())
     expected_policy = step_by_hand(agent.optimizers["policy_optimizer"], policy_parameters, sum(terms) / B)
     # the temperature: -E_b[log α (log π(c̃_b|s_b) + H̄)], H̄ = -dim
@@ -296,6 +311,113 @@ def test_cql_update_takes_the_step_of_the_equations(case, monkeypatch):
         assert agent.log_alpha_prime.item() == pytest.approx(math.log(1.7))  # untouched without the multiplier
     for actual, wanted in zip(agent.target_critics.parameters(), expected["targets"].parameters()):
         torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# opal_cql.py --algorithm iql: IQL.update
+# ------------------------------------------------------------------------------------------------------------------
+def iql_agent(prior: bool, **overrides):
+    torch.manual_seed(0)
+    settings = dict(primitives="none", algorithm="iql", hidden_dim=16, critic_layers=2, policy_layers=2, bf16=False,
+                    tau=0.2, critic_lr=3e-3, policy_lr=2e-3, prior_kl_weight=0.7, policy_bc_steps=2,
+                    iql_expectile=0.7, iql_temperature=3.0, iql_max_weight=4.0, critic_layer_norm=True)
+    agent, args = offline_agent(oc.IQL, prior, {**settings, **overrides})
+    agent.update(*transitions(OBS, CHOICE, LOW, HIGH, seed=11), step=5)  # Adam's moments and targets moved
+    return agent, args
+
+
+def iql_reference(agent, args, batch, imitate: bool):
+    """The expected networks and Adam states after one IQL step, from IQL's equations (Kostrikov et al. 2022, Eqs. (5),
+    (6) and (7), clipped weights, in the order of its code: V, then Q and π with the new V; Polyak averaging)."""
+    s, c, R, s_next, done, discount = batch
+    B, E, k = len(s), agent.critics.ensemble, len(LOW)
+    policy, critics, targets, value = (copy.deepcopy(m) for m in (agent.task_policy, agent.critics,
+                                                                   agent.target_critics, agent.value))
+    with torch.no_grad():
+        q_bar = critic_values(targets, s, c)
+        q_bar = torch.stack([min(q_bar[i, b] for i in range(E)) for b in range(B)])  # min_i Q̄_i(s_b, c_b)
+    # V: E_b[|τ - 1(u_b < 0)| u_b²], u_b = Q̄(s_b, c_b) - V(s_b)
+    terms, signs = [], []
+    for b in range(B):
+        u = q_bar[b] - value(s[b:b + 1])[0]
+        terms.append((args.iql_expectile if u.item() >= 0 else 1 - args.iql_expectile) * u ** 2)
+        signs.append(u.item() >= 0)
+    value_parameters = list(value.parameters())
+    expected_value = step_by_hand(agent.optimizers["value_optimizer"], value_parameters, sum(terms) / B)
+    with torch.no_grad():  # the new V from here on
+        y = torch.stack([R[b] + (1 - done[b]) * discount[b] * value(s_next[b:b + 1])[0] for b in range(B)])
+        advantage = torch.stack([q_bar[b] - value(s[b:b + 1])[0] for b in range(B)])
+    # Q: Σ_i ½ E_b (Q_i(s_b, c_b) - y_b)²
+    q_data = critic_values(critics, s, c)
+    td = sum(sum(0.5 * (q_data[i, b] - y[b]) ** 2 for b in range(B)) / B for i in range(E))
+    critic_parameters = list(critics.parameters())
+    expected_critics = step_by_hand(agent.optimizers["critic_optimizer"], critic_parameters, td)
+    # π: -E_b[w_b log π(c_b|s_b)], w_b = min(exp(β A_b), w_max) (1 while imitating), + λ E_b[log π(c̃_b|s_b) -
+    # log ρ(c̃_b|s_b)]
+    unclipped = sorted(math.exp(args.iql_temperature * a.item()) for a in advantage)
+    args.iql_max_weight = (unclipped[1] + unclipped[2]) / 2  # (the agent's too): the clip acts on 3 of the 5 rows
+    data_log_prob = tanh_gaussian_log_prob(policy, s, c)
+    new_choice, log_prob = tanh_gaussian(policy, s, noise(B, k))
+    terms = []
+    for b in range(B):
+        weight = 1.0 if imitate else min(math.exp(args.iql_temperature * advantage[b].item()), args.iql_max_weight)
+        terms.append(-weight * data_log_prob[b] + prior_pull(agent, args, s[b], new_choice[b], log_prob[b]))
+    policy_parameters = list(policy.parameters())
+    expected_policy = step_by_hand(agent.optimizers["policy_optimizer"], policy_parameters, sum(terms) / B)
+    polyak(targets, critics, args.tau)
+    weights = [min(math.exp(args.iql_temperature * a.item()), args.iql_max_weight) for a in advantage]
+    return dict(value=(value_parameters, expected_value), critics=(critic_parameters, expected_critics),
+                policy=(policy_parameters, expected_policy), targets=targets, td=td, weights=weights, signs=signs)
+
+
+@pytest.mark.parametrize("case", ["latent", "raw", "raw-imitate", "raw-plain-critics"])
+def test_iql_update_takes_the_step_of_the_equations(case, monkeypatch):
+    """The latent space (a prior's pull), raw actions, the imitation steps at first, critics without layer norm."""
+    overrides = {"raw-plain-critics": dict(critic_layer_norm=False)}.get(case, {})
+    agent, args = iql_agent(case == "latent", **overrides)
+    assert_optimizers_hold(agent, {  # IQL's: the critics and V at one rate, the policy at its own
+        "policy_optimizer": (list(agent.task_policy.parameters()), args.policy_lr),
+        "critic_optimizer": (list(agent.critics.parameters()), args.critic_lr),
+        "value_optimizer": (list(agent.value.parameters()), args.critic_lr)})
+    fixed_noise(monkeypatch)
+    batch = transitions(OBS, CHOICE, LOW, HIGH)
+    with torch.no_grad():  # V moved among the batch's Q̄ values: the expectile's two sides are both reached
+        gaps = (agent.target_critics(batch[0], batch[1]).min(0).values - agent.value(batch[0])).sort().values
+        agent.value.net[-1].bias += (gaps[1] + gaps[2]) / 2
+    imitate = case.endswith("imitate")
+    expected = iql_reference(agent, args, batch, imitate)
+    assert min(expected["weights"]) < args.iql_max_weight <= max(expected["weights"]), expected["weights"]
+    assert len(set(expected["signs"])) == 2, "the batch must reach both sides of the expectile"
+    losses = agent.update(*batch, step=args.policy_bc_steps if imitate else args.policy_bc_steps + 1)
+
+    assert losses["td_loss"].item() == pytest.approx(expected["td"].item(), rel=1e-5)
+    assert_steps_taken(agent, expected, value="value_optimizer", critics="critic_optimizer",
+                       policy="policy_optimizer")
+
+
+def test_layer_norm_critics_normalise_each_hidden_layer():
+    """--critic-layer-norm: each hidden layer's pre-activation has mean 0 and variance 1 over its units, per critic;
+    without it the same weights give other numbers."""
+    torch.manual_seed(0)
+    normed, plain = oc.Critics(3, 2, 8, layers=2, layer_norm=True), oc.Critics(3, 2, 8, layers=2)
+    linear = lambda critics: [module for module in critics.net if isinstance(module, oc.VectorizedLinear)]
+    with torch.no_grad():  # the same weights (the normalisation has no parameters of its own)
+        for source, target in zip(linear(normed), linear(plain)):
+            target.weight.copy_(source.weight), target.bias.copy_(source.bias)
+    plain.normalize.load_state_dict(normed.normalize.state_dict())
+    states, choices = torch.randn(4, 3), torch.randn(4, 2)
+    x = torch.cat([normed.normalize(states), choices], -1)
+    for member in range(2):
+        hidden = x
+        for index in (0, 3):  # the two VectorizedLinear layers before the output; ReLU after each normalisation
+            layer = normed.net[index]
+            pre = hidden @ layer.weight[member] + layer.bias[member, 0]
+            hidden = torch.relu((pre - pre.mean(-1, keepdim=True)) / (pre.var(-1, unbiased=False, keepdim=True)
+                                                                       + 1e-5).sqrt())
+        last = normed.net[-1]
+        expected = (hidden @ last.weight[member] + last.bias[member, 0]).squeeze(-1)
+        torch.testing.assert_close(normed(states, choices)[member], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(normed(states, choices), plain(states, choices))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -369,11 +491,8 @@ def test_sac_update_takes_the_step_of_the_equations(prior, monkeypatch):
     expected = sac_reference(agent, args, batch)
     losses = agent.update(*batch)
     assert losses["critic_loss"].item() == pytest.approx(expected["critic_loss"].item(), rel=1e-5)
-    for name, optimizer in (("critics", "critic_optimizer"), ("policy", "policy_optimizer"),
-                            ("alpha", "alpha_optimizer")):
-        assert_optimizer_took(agent.optimizers[optimizer], *expected[name], name)
-    for actual, wanted in zip(agent.target_critics.parameters(), expected["targets"].parameters()):
-        torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-6)
+    assert_steps_taken(agent, expected, critics="critic_optimizer", policy="policy_optimizer",
+                       alpha="alpha_optimizer")
 
 
 def test_start_from_prior_takes_maximum_likelihood_steps_on_the_priors_samples():
