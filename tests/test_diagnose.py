@@ -40,3 +40,28 @@ def test_prior_clipped_choice_clips_the_mean_to_k_prior_stds():
 def test_sampled_choice_samples_even_when_asked_for_the_mean():
     choice, _ = diagnose_cql.SampledChoice(FixedPolicy(torch.zeros(1, 3)))(torch.zeros(2, 2), deterministic=True)
     assert torch.equal(choice, torch.full((2, 3), 100.0))
+
+
+def test_value_map_places_states_at_rest_inside_every_free_cell():
+    """analysis/value_map.py: k² points inside each free cell (none in walls), and pointmaze states at rest there;
+    an antmaze state keeps the template's body and takes the xy as achieved_goal."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import value_map
+
+    maze_map = [[1, 1, 1], [1, 0, 1], [1, 0, 1], [1, 1, 1]]
+    centre = {(1, 1): np.array([-1.0, 2.0]), (2, 1): np.array([-1.0, 0.0])}  # the two free cells' centres
+    maze = SimpleNamespace(maze_map=maze_map, maze_size_scaling=2.0, cell_rowcol_to_xy=lambda rc: centre[tuple(rc)])
+    points = value_map.grid_points(maze, 2)
+    assert points.shape == (8, 2)
+    for cell in centre.values():  # four points per cell, each a quarter of the 2-unit cell from its centre
+        offsets = points[np.abs(points - cell).max(1) < 1] - cell
+        assert sorted(map(tuple, offsets)) == [(-0.5, -0.5), (-0.5, 0.5), (0.5, -0.5), (0.5, 0.5)]
+    template = {"observation": np.array([9.0, 9.0, 3.0, -2.0]), "achieved_goal": np.zeros(2),
+                "desired_goal": np.ones(2)}
+    states = value_map.states_at(template, ["observation"], np.array([[0.5, -1.5]]))
+    assert states.tolist() == [[0.5, -1.5, 0.0, 0.0]]
+    ant = {"observation": np.arange(4.0), "achieved_goal": np.zeros(2), "desired_goal": np.ones(2)}
+    states = value_map.states_at(ant, ["achieved_goal", "observation"], np.array([[0.5, -1.5]]))
+    assert states.tolist() == [[0.5, -1.5, 0.0, 1.0, 2.0, 3.0]]

@@ -81,3 +81,20 @@ def test_a_generated_maze_dataset_and_a_run_on_it(sandbox):
                         sandbox["base"] / "gen-runs")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "normalized score" in result.stdout
+
+
+def test_coverage_counts_land_in_the_right_cells_by_hand():
+    """analysis/plot_coverage.py: on a 3 × 4 map with 2-unit cells (centred on 0: x in [-4, 4], y in [-3, 3]),
+    a point at a cell's centre lands in that cell's bins, row 0 at the top; points off the map are dropped."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    import plot_coverage
+
+    maze_map = [[1, 1, 1, 1], [1, 0, 0, 1], [1, 1, 1, 1]]
+    xy = np.array([[-1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [-3.0, 2.0], [3.9, -2.9], [5.0, 0.0], [0.0, 3.5]])
+    counts = plot_coverage.visits(xy, maze_map, scaling=2.0, bins_per_cell=1)
+    assert counts.tolist() == [[1, 0, 0, 0], [0, 2, 1, 0], [0, 0, 0, 1]]
+    fine = plot_coverage.visits(np.array([[-1.5, 0.5], [-0.5, -0.5]]), maze_map, scaling=2.0, bins_per_cell=2)
+    assert fine.shape == (6, 8) and fine[2, 2] == 1 and fine[3, 3] == 1 and fine.sum() == 2
