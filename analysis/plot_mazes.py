@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collect_data import WaypointPlanner, generate_maze  # noqa: E402
 
 
-def shortest_path(maze: dict) -> list:
-    """The cells from the reset cell to the goal cell along a shortest path."""
-    step_towards = WaypointPlanner(maze["maze_map"]).next_cell[maze["goal_cell"]]
-    path = [maze["reset_cell"]]
-    while path[-1] != maze["goal_cell"]:
+def shortest_path(maze_map, start: tuple, goal: tuple) -> list:
+    """The cells from `start` to `goal` along a shortest path of the maze's free cells."""
+    step_towards = WaypointPlanner(maze_map).next_cell[goal]
+    path = [start]
+    while path[-1] != goal:
         path.append(step_towards[path[-1]])
     return path
 
@@ -40,7 +40,7 @@ def main():
         axis = axes[index // columns][index % columns]
         maze = generate_maze(seed)
         axis.imshow(1 - np.array(maze["maze_map"]), cmap="gray", vmin=-0.3, vmax=1)
-        path = np.array(shortest_path(maze))
+        path = np.array(shortest_path(maze["maze_map"], maze["reset_cell"], maze["goal_cell"]))
         axis.plot(path[:, 1], path[:, 0], color="tab:blue", linewidth=1.5, alpha=0.6)
         axis.scatter(*maze["reset_cell"][::-1], color="tab:green", s=70, zorder=3)
         axis.scatter(*maze["goal_cell"][::-1], color="tab:red", marker="*", s=140, zorder=3)

@@ -1,7 +1,11 @@
 """What an opal_cql.pt critic believes across its maze: Q(s, π(s)) = min_i Q_i(s, tanh of π's mean) at states placed
 on a grid over every free cell (the agent at rest there), and an arrow for the first action the policy would take
 (the primitive's mean action for the chosen z, or the raw action). A value that rises toward the goal *through*
-a wall, or arrows pointing into walls, is what a failing maze run shows first (issue 33).
+a wall, or arrows pointing into walls, is what a failing maze run shows first (issue 33). It also prints, along the
+shortest path from the evaluation reset cell to the goal cell, Q at each cell's centre and whether the first action
+points along the path (cosine with the direction to the next cell above 0.7): where the path must first lead away
+from the goal, a value that leaks through the wall from a corridor nearer the goal shows as a value that falls
+along the path, and the policy turns back there.
 
 Pointmaze states: x, y and zero velocity. Antmaze states: the evaluation reset's body pose moved to x, y.
 
@@ -21,7 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import opal_cql as oc  # noqa: E402
+from plot_mazes import shortest_path  # noqa: E402
 from opal_utils import evaluation_env, flatten_observation, load_minari_dataset, policies_from_checkpoint  # noqa: E402
 
 
@@ -72,6 +78,19 @@ def value_and_direction(payload: dict, states: torch.Tensor) -> tuple:
     return critics(states, choice).min(0).values.numpy(), action[:, :2].numpy()
 
 
+def along_the_path(payload: dict, maze, template: dict) -> tuple:
+    """(the path's cells, Q at their centres, cosine of each first action with the way to the next cell)."""
+    start, goal = (tuple(int(v) for v in maze.cell_xy_to_rowcol(location))
+                   for location in (maze.unique_reset_locations[0], maze.unique_goal_locations[0]))
+    cells = shortest_path(maze.maze_map, start, goal)
+    xy = np.array([maze.cell_rowcol_to_xy(np.array(cell)) for cell in cells])
+    value, direction = value_and_direction(payload, states_at(template, payload["obs_layout"], xy))
+    way = xy[1:] - xy[:-1]
+    cosine = (direction[:-1] * way).sum(1) / (np.linalg.norm(direction[:-1], axis=1) * np.linalg.norm(way, axis=1)
+                                              + 1e-8)
+    return cells, value, cosine
+
+
 def main():
     args = tyro.cli(Args)
     columns = min(3, len(args.checkpoints))
@@ -86,6 +105,10 @@ def main():
         maze = env.unwrapped.maze
         xy = grid_points(maze, args.points_per_cell)
         value, direction = value_and_direction(payload, states_at(template, payload["obs_layout"], xy))
+        cells, path_value, cosine = along_the_path(payload, maze, template)
+        print(f"{path}: along the shortest path ({len(cells) - 1} cells), the first action points the way at "
+              f"{int((cosine > 0.7).sum())} of {len(cosine)} cells; cell: Q, cosine")
+        print("  " + "; ".join(f"{cell}: {q:.0f}, {cos:+.2f}" for cell, q, cos in zip(cells, path_value, cosine)))
         size = maze.maze_size_scaling
         for r, row in enumerate(maze.maze_map):
             for c, cell in enumerate(row):
@@ -102,7 +125,8 @@ def main():
         axis.plot(*maze.unique_reset_locations[0], "o", color="tab:green", ms=8)
         method = payload["args"].get("algorithm", "cql").upper()
         label = f"{method}+OPAL" if payload["primitives"] == "opal" else method
-        axis.set_title(f"{label}, seed {payload['seed']}, step {payload['step']}", fontsize=9)
+        size_text = f"critics {payload['args']['hidden_dim']} x {payload['args']['critic_layers']}"
+        axis.set_title(f"{label}, {size_text}, seed {payload['seed']}, step {payload['step']}", fontsize=9)
         axis.set_aspect("equal")
         axis.set_xticks([]), axis.set_yticks([])
         figure.colorbar(image, ax=axis, fraction=0.035, label="Q(s, π(s))")

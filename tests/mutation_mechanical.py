@@ -100,6 +100,7 @@ EQUIVALENT_RULES = [  # (kind, original text, mutated text, reason); "" matches 
     ("sign", "1e-8", "", "a 10⁻⁸ guard against dividing by a zero standard deviation"),
     ("compare", "approx_kl > args.target_kl", "", "> or ≥ differ only when the KL estimate equals the target exactly"),
     ("compare", "> args.clip_coef", "", "> or ≥ differ only when a ratio lies exactly at 1 ± ε"),
+    ("compare", "u < 0", "", "at u = 0 the expectile term |τ - 1(u < 0)| u² and its gradient are 0 either way"),
     ("compare", "len(bounds) > 2", "", "with ≥ 2 rows a batch always has at least two bounds, 0 and its size"),
     ("index", 'envs.render()[0]', "", "not equivalent: the video would show the second environment; rendering is "
                                         "not tested in-process (left)"),

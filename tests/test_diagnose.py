@@ -65,3 +65,12 @@ def test_value_map_places_states_at_rest_inside_every_free_cell():
     ant = {"observation": np.arange(4.0), "achieved_goal": np.zeros(2), "desired_goal": np.ones(2)}
     states = value_map.states_at(ant, ["achieved_goal", "observation"], np.array([[0.5, -1.5]]))
     assert states.tolist() == [[0.5, -1.5, 0.0, 1.0, 2.0, 3.0]]
+
+
+def test_shortest_path_goes_around_the_wall():
+    """analysis/plot_mazes.shortest_path (value_map.py's path report): on a U-shaped map the path from one arm to
+    the other goes down, across and up, never through the wall between the arms."""
+    from plot_mazes import shortest_path
+
+    maze_map = [[1, 1, 1, 1, 1], [1, 0, 1, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
+    assert shortest_path(maze_map, (1, 1), (1, 3)) == [(1, 1), (2, 1), (2, 2), (2, 3), (1, 3)]

@@ -338,6 +338,8 @@ def iql_reference(agent, args, batch, imitate: bool):
         q_bar = torch.stack([min(q_bar[i, b] for i in range(E)) for b in range(B)])  # min_i Q̄_i(s_b, c_b)
     # V: E_b[|τ - 1(u_b < 0)| u_b²], u_b = Q̄(s_b, c_b) - V(s_b)
     terms, signs = [], []
+    with torch.no_grad():
+        v_before = sum(value(s[b:b + 1])[0] for b in range(B)) / B
     for b in range(B):
         u = q_bar[b] - value(s[b:b + 1])[0]
         terms.append((args.iql_expectile if u.item() >= 0 else 1 - args.iql_expectile) * u ** 2)
@@ -366,8 +368,11 @@ def iql_reference(agent, args, batch, imitate: bool):
     expected_policy = step_by_hand(agent.optimizers["policy_optimizer"], policy_parameters, sum(terms) / B)
     polyak(targets, critics, args.tau)
     weights = [min(math.exp(args.iql_temperature * a.item()), args.iql_max_weight) for a in advantage]
+    logged = dict(q_data=sum(q_data[i, b] for i in range(E) for b in range(B)) / (E * B), v_data=v_before,
+                  advantage=sum(advantage) / B)  # what the step reports: means before each network's step
     return dict(value=(value_parameters, expected_value), critics=(critic_parameters, expected_critics),
-                policy=(policy_parameters, expected_policy), targets=targets, td=td, weights=weights, signs=signs)
+                policy=(policy_parameters, expected_policy), targets=targets, td=td, weights=weights, signs=signs,
+                logged=logged)
 
 
 @pytest.mark.parametrize("case", ["latent", "raw", "raw-imitate", "raw-plain-critics"])
@@ -391,6 +396,8 @@ def test_iql_update_takes_the_step_of_the_equations(case, monkeypatch):
     losses = agent.update(*batch, step=args.policy_bc_steps if imitate else args.policy_bc_steps + 1)
 
     assert losses["td_loss"].item() == pytest.approx(expected["td"].item(), rel=1e-5)
+    for name, value in expected["logged"].items():
+        assert losses[name].item() == pytest.approx(float(value.detach()), rel=1e-5, abs=1e-6), name
     assert_steps_taken(agent, expected, value="value_optimizer", critics="critic_optimizer",
                        policy="policy_optimizer")
 
