@@ -738,7 +738,7 @@ if __name__ == "__main__":
             **agent_state_dict(agent, *agent.CHECKPOINTED), "step": step, "finished": finished,
             "summary": dict(summary), "rng": random_state(sampler)})
 
-    # CQL (or IQL) on the relabelled transitions, evaluating the task policy with its primitives every --eval-every steps
+    # CQL (or IQL) on the relabelled transitions; the task policy acts with its primitives every --eval-every steps
     evaluator = Evaluator(dataset, layout, args.num_envs, writer, summary)
     policy = HierarchicalPolicy(agent.task_policy, primitive_policy, c)  # what acts in the evaluation episodes
     loop = Loop(args.algorithm.upper(), first=first_step, last=args.total_steps, args=args, writer=writer,

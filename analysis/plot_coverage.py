@@ -4,7 +4,8 @@ task's reset (green) and goal (red star). One panel per dataset; works for any M
 (D4RL's, or those collect_data.py makes).
 
     python analysis/plot_coverage.py opal/pointmaze-gen0-diverse-v0 --out docs/coverage_gen0.png
-    python analysis/plot_coverage.py opal/antmaze-large-diverse-v0 opal/antmaze-medium-diverse-v0 --out docs/antmaze_coverage.png
+    python analysis/plot_coverage.py opal/antmaze-large-diverse-v0 opal/antmaze-medium-diverse-v0 \
+        --out docs/antmaze_coverage.png
 """
 
 import argparse
