@@ -25,6 +25,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,6 +155,26 @@ def log_tail(path: Path, lines: int = 12) -> str:
     return "\n".join([line for line in re.split(r"[\r\n]+", text) if line.strip()][-lines:])
 
 
+def wait_for_earlier_attempt(run_dir: Path, stop_file: str) -> None:
+    """An earlier attempt of this run may still be ending: a grid stopped and started again at once, or a task
+    retried after its worker died, whose run got SIGTERM and is still writing its checkpoint. Looking for
+    checkpoints before it has ended would start the run afresh beside it. `run.pid` (host and process id, written
+    while a run's process lives) names it; wait while that process lives and reads this run's folder (a process id
+    reused by something else does not) and is on this machine (another node's cannot be seen from here)."""
+    try:
+        host, pid = (run_dir / "run.pid").read_text().split()
+    except (FileNotFoundError, ValueError):
+        return
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    while host == socket.gethostname() and not Path(stop_file).exists():
+        try:
+            if str(run_dir) not in cmdline.read_bytes().decode(errors="replace"):
+                return
+        except OSError:  # it has ended (or there is no /proc to ask)
+            return
+        time.sleep(1)
+
+
 def execute(run: dict, stop_file: str, *upstream: dict) -> dict:
     """Body of one Ray task: run the script (or resume it), return its outcome. `upstream`: the VAE run's outcome.
     When `stop_file` appears (the grid was stopped), the run gets SIGTERM, saves its checkpoint and exits."""
@@ -163,6 +184,7 @@ def execute(run: dict, stop_file: str, *upstream: dict) -> dict:
         return {"key": run["key"], "status": "skipped",
                 "reason": f"its VAE run {upstream[0]['key']} {upstream[0]['status']}"}
     Path(run["dir"]).mkdir(parents=True, exist_ok=True)
+    wait_for_earlier_attempt(Path(run["dir"]), stop_file)
     if latest_checkpoint(run) is None:  # folders of attempts that never saved a checkpoint: start afresh
         for stale in Path(run["dir"]).iterdir():
             if stale.is_dir():
@@ -181,6 +203,8 @@ def execute(run: dict, stop_file: str, *upstream: dict) -> dict:
         # its own session: Ray's clean-up of the worker's process group does not reach the run
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                    start_new_session=True, preexec_fn=die_with_the_task)
+        pid_file = Path(run["dir"]) / "run.pid"
+        pid_file.write_text(f"{socket.gethostname()} {process.pid}\n")
         try:
             while process.poll() is None:
                 if Path(stop_file).exists():
@@ -193,6 +217,9 @@ def execute(run: dict, stop_file: str, *upstream: dict) -> dict:
             process.terminate()
             process.wait()
             raise
+        finally:
+            if process.poll() is not None:
+                pid_file.unlink(missing_ok=True)
     checkpoint = latest_checkpoint(run)
     if returncode == 0 and is_finished(checkpoint):
         return {"key": run["key"], "status": "finished", "checkpoint": str(checkpoint)}

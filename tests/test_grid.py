@@ -65,6 +65,7 @@ def test_a_tiny_grid_runs_on_ray_reports_and_skips_finished_runs(sandbox, datase
         assert f"finished  {key}" in out
     assert "failed    broken/seed1: exit 1" in out and "--cql-n-actions must be at least 1, got 0" in out
     assert "5 finished, 1 failed, 0 skipped" in out
+    assert not list((tmp_path / "runs").glob("*/seed*/run.pid"))  # each run's process id is gone with it
     # the CQL+OPAL runs were given the VAE run's checkpoint
     vae_ckpt = next((tmp_path / "runs" / "vae" / "seed1").glob("*/opal_vae.pt"))
     for seed in (1, 2):
@@ -245,6 +246,26 @@ def test_a_run_whose_worker_dies_is_retried_and_resumes(sandbox, datasets, tmp_p
     assert len(commands) == 2 and "--resume" in commands[1]  # started once, resumed once, not started afresh
     checkpoint = gr.latest_checkpoint({"dir": str(log.parent), "script": "opal_cql.py"})
     assert torch.load(checkpoint, weights_only=True)["step"] == 2000 and gr.is_finished(checkpoint)
+
+
+def test_a_run_waits_until_its_earlier_attempt_has_ended(tmp_path):
+    # a grid stopped and started again at once: the earlier attempt (its process id in run.pid) is still writing
+    # its checkpoint, so the new attempt must not look for checkpoints until that process has ended
+    run_dir, stop_file = tmp_path / "cql" / "seed1", str(tmp_path / "STOP")
+    run_dir.mkdir(parents=True)
+    earlier = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)", "--runs-dir", str(run_dir)])
+    (run_dir / "run.pid").write_text(f"{gr.socket.gethostname()} {earlier.pid}\n")
+    gr.wait_for_earlier_attempt(run_dir, stop_file)
+    assert earlier.poll() is not None  # returned only once it had ended
+    # a process id now used by a process that is not this run's does not hold it up, nor does a stale file
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    (run_dir / "run.pid").write_text(f"{gr.socket.gethostname()} {other.pid}\n")
+    started = time.time()
+    gr.wait_for_earlier_attempt(run_dir, stop_file)
+    assert time.time() - started < 2 and other.poll() is None
+    other.kill()
+    (run_dir / "run.pid").write_text(f"{gr.socket.gethostname()} {earlier.pid}\n")  # ended: returns at once
+    gr.wait_for_earlier_attempt(run_dir, stop_file)
 
 
 def test_a_family_of_tasks_is_aggregated_over_tasks_and_seeds():
