@@ -49,11 +49,15 @@ def assert_refused(result, *fragments):
 
 @pytest.fixture(scope="session")
 def datasets(sandbox):
-    """Tiny datasets of all three families, made by collect_data.py in the temporary store."""
+    """Tiny datasets of all three families, made by collect_data.py in the temporary store (antmaze: by the real
+    controller)."""
     made = {
         "pointmaze": ("opal/pointmaze-large-diverse-v0", ["--env", "pointmaze-large", "--steps", 3000, "--episode-length", 500]),
         "pointmaze-expert": ("opal/pointmaze-large-expert-v0", ["--env", "pointmaze-large", "--kind", "expert", "--episodes", 2]),
-        "antmaze": ("test/antmaze-large-random-v0", ["--env", "antmaze-large", "--kind", "random", "--steps", 600, "--episode-length", 200]),
+        # antmaze by D4RL's recipe with the committed goal-reaching ant (controllers/ant_goal_reacher.pt)
+        "antmaze": ("test/antmaze-large-made-v0", ["--env", "antmaze-large", "--steps", 600, "--episode-length", 200]),
+        "antmaze-expert": ("test/antmaze-large-made-expert-v0", ["--env", "antmaze-large", "--kind", "expert", "--episodes", 2,
+                                                                 "--episode-length", 300]),
         "kitchen": ("test/kitchen-random-v0", ["--env", "kitchen", "--kind", "random", "--steps", 200, "--episode-length", 100]),
         "short": ("test/pointmaze-short-v0", ["--env", "pointmaze-umaze", "--kind", "random", "--steps", 40, "--episode-length", 8]),
     }

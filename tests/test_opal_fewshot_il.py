@@ -111,8 +111,9 @@ def test_task_policy_nll_by_hand():
 @pytest.mark.parametrize("family", ["pointmaze", "antmaze", "kitchen"])
 @pytest.mark.parametrize("primitives", ["opal", "none"])
 def test_fewshot_runs_end_to_end(sandbox, datasets, vae_checkpoints, family, primitives):
-    # pointmaze: the expert demonstrations; antmaze and kitchen: their random stand-ins play the demonstrations
-    demo_id = datasets["pointmaze-expert"] if family == "pointmaze" else datasets[family]
+    # pointmaze and antmaze: demonstrations of the evaluation task (the ant's by the real controller); kitchen: its
+    # random stand-in plays the demonstrations
+    demo_id = datasets[f"{family}-expert"] if family != "kitchen" else datasets[family]
     extra = ["--vae-ckpt", vae_checkpoints[family]] if primitives == "opal" else []
     result = run_fewshot(sandbox, "--dataset-id", datasets[family], "--demo-dataset-id", demo_id, "--num-demos", 2,
                          "--primitives", primitives, *extra)
@@ -149,7 +150,7 @@ def test_fewshot_refusals(sandbox, datasets, vae_checkpoints, tmp_path):
     assert_refused(run_fewshot(sandbox, *pointmaze), "--primitives opal needs --vae-ckpt")
     # a VAE of another dataset; demonstrations whose states are not the VAE's
     assert_refused(run_fewshot(sandbox, *pointmaze, "--vae-ckpt", vae_checkpoints["antmaze"], "--num-demos", 2),
-                   "does not fit this run: its dataset_id is 'test/antmaze-large-random-v0'")
+                   "does not fit this run: its dataset_id is 'test/antmaze-large-made-v0'")
     assert_refused(run_fewshot(sandbox, "--dataset-id", datasets["pointmaze"], "--demo-dataset-id", datasets["antmaze"],
                                "--vae-ckpt", vae_checkpoints["pointmaze"], "--num-demos", 2),
                    "does not fit this run: its obs_layout is ['observation']")
