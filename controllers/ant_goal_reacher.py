@@ -6,8 +6,8 @@ v4 loads, here without the maze's walls) walks to a goal a few metres away. It s
 torso's height and orientation, the joint angles, all velocities) and the goal relative to its torso: the vector to
 the goal turned into the torso's heading frame. Reward, Ant-v4's with "forward" replaced by "toward the goal": the
 speed toward the goal (m/s) + 1 for staying upright - 0.5 |a|², and +1 when the goal is reached (within 0.45 m,
-AntMaze's radius), after which a new goal is drawn; an ant whose torso leaves 0.2-1.0 m of height has fallen
-(the episode ends). Goals are drawn 1-5 m away in any direction. SAC is `opal_online_sac.SAC` on raw actions.
+AntMaze's radius), after which a new goal is drawn; an ant whose torso leaves 0.2-1.0 m of height, or that lies on
+its back, has fallen (the episode ends). Goals are drawn 1-5 m away in any direction. SAC is `opal_online_sac.SAC` on raw actions.
 
     python controllers/ant_goal_reacher.py train --total-steps 1000000        # ~CPU hours; Ctrl-C, then --resume
     python controllers/ant_goal_reacher.py evaluate --episodes 100             # goals 4 m away (one maze cell)
@@ -85,6 +85,13 @@ def torso_yaw(quaternion) -> float:
     return math.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
 
 
+def on_its_back(quaternion) -> bool:
+    """Whether the torso's up axis points below the horizon (the ant lies on its back: it does not get up again,
+    yet its torso stays within Ant-v4's healthy heights)."""
+    w, x, y, z = quaternion
+    return 1 - 2 * (x * x + y * y) < 0  # the z component of the torso's up axis
+
+
 def controller_input(ant_observation, goal_xy) -> np.ndarray:
     """What the controller reads: AntMaze's 27-d observation (qpos[2:] and qvel) and the goal relative to the
     torso, turned into the torso's heading frame (x ahead, y to its left). `ant_observation`: the 29 numbers
@@ -117,6 +124,7 @@ class GoalReachingAnt:
 
     def step(self, action, new_goals=True):
         self.state, _, fell, _, info = self.ant.step(action)
+        fell = fell or on_its_back(self.state[3:7])  # (qpos[3:7]: the torso's orientation)
         distance = float(np.linalg.norm(self.goal - self.state[:2]))
         reached = distance <= REACHED
         # Ant-v4's reward with the forward speed replaced by the speed toward the goal

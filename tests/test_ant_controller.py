@@ -54,6 +54,25 @@ def test_the_reward_is_the_speed_toward_the_goal_plus_upright_minus_effort():
     assert 1.0 - 0.5 <= env.distance <= 5.0 + 0.5
 
 
+@pytest.mark.parametrize("tilt, lying", [(0.0, False), (1.0, False), (1.5, False), (1.7, True), (math.pi, True)])
+def test_an_ant_on_its_back_has_fallen(tilt, lying):
+    # turned by `tilt` about the x axis (and any heading): the up axis points below the horizon past 90°
+    for yaw in (0.0, 2.0):
+        about_x = np.array([math.cos(tilt / 2), math.sin(tilt / 2), 0.0, 0.0])
+        about_z = np.array([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])
+        w1, x1, y1, z1 = about_z
+        w2, x2, y2, z2 = about_x  # the product about_z * about_x: first the tilt, then the heading
+        quaternion = (w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2, w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+                      w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2)
+        assert ag.on_its_back(quaternion) == lying
+    env = ag.GoalReachingAnt(seed=0)  # in the simulator: the ant put down upside down ends its episode
+    env.reset(goal_distance=3.0)
+    qpos, qvel = env.ant.data.qpos.copy(), env.ant.data.qvel.copy() * 0
+    qpos[2:7] = [0.3, math.cos(tilt / 2), math.sin(tilt / 2), 0.0, 0.0]
+    env.ant.set_state(qpos, qvel)
+    assert env.step(np.zeros(8, dtype=np.float32))[2] == lying
+
+
 def saved_updates(saved) -> int:
     return int(saved["critic_optimizer"]["state"][0]["step"])
 
