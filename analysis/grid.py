@@ -165,12 +165,15 @@ def wait_for_earlier_attempt(run_dir: Path, stop_file: str) -> None:
         host, pid = (run_dir / "run.pid").read_text().split()
     except (FileNotFoundError, ValueError):
         return
-    cmdline = Path(f"/proc/{pid}/cmdline")
+    process = Path(f"/proc/{pid}")
     while host == socket.gethostname() and not Path(stop_file).exists():
         try:
-            if str(run_dir) not in cmdline.read_bytes().decode(errors="replace"):
-                return
+            state = (process / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (process / "cmdline").read_bytes().decode(errors="replace")
         except OSError:  # it has ended (or there is no /proc to ask)
+            return
+        # a zombie has ended; an empty command line is a process between fork and exec: look again
+        if state == "Z" or (command and str(run_dir) not in command):
             return
         time.sleep(1)
 

@@ -266,6 +266,14 @@ def test_a_run_waits_until_its_earlier_attempt_has_ended(tmp_path):
     other.kill()
     (run_dir / "run.pid").write_text(f"{gr.socket.gethostname()} {earlier.pid}\n")  # ended: returns at once
     gr.wait_for_earlier_attempt(run_dir, stop_file)
+    ended = subprocess.Popen([sys.executable, "-c", "pass", "--runs-dir", str(run_dir)])
+    while Path(f"/proc/{ended.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.05)  # ended, not yet reaped (its parent has not waited): a zombie does not hold it up
+    (run_dir / "run.pid").write_text(f"{gr.socket.gethostname()} {ended.pid}\n")
+    started = time.time()
+    gr.wait_for_earlier_attempt(run_dir, stop_file)
+    assert time.time() - started < 2
+    ended.wait()
 
 
 def test_a_family_of_tasks_is_aggregated_over_tasks_and_seeds():
