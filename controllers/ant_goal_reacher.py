@@ -7,7 +7,8 @@ torso's height and orientation, the joint angles, all velocities) and the goal r
 the goal turned into the torso's heading frame. Reward, Ant-v4's with "forward" replaced by "toward the goal": the
 speed toward the goal (m/s) + 1 for staying upright - 0.5 |a|², and +1 when the goal is reached (within 0.45 m,
 AntMaze's radius), after which a new goal is drawn; an ant whose torso leaves 0.2-1.0 m of height, or that lies on
-its back, has fallen (the episode ends). Goals are drawn 1-5 m away in any direction. SAC is `opal_online_sac.SAC` on raw actions.
+its back, has fallen (the episode ends). Goals are drawn 1-5 m away in any direction. SAC is `opal_online_sac.SAC`
+on raw actions.
 
     python controllers/ant_goal_reacher.py train --total-steps 1000000        # ~CPU hours; Ctrl-C, then --resume
     python controllers/ant_goal_reacher.py evaluate --episodes 100             # goals 4 m away (one maze cell)
