@@ -75,6 +75,12 @@ class Args:
     episodes: Optional[int] = None
     """number of demonstrations for --kind expert; default 30 in a maze (more than the 10 a few-shot run imitates,
     so that its seeds draw different ones), 1,000 for metaworld-pick-place (ours: ~90,000 steps)"""
+    keep_failed: bool = False
+    """--kind expert in a maze: keep demonstrations that do not reach the goal within --episode-length steps; by
+    default they are dropped and more are drawn (a demonstration of a task completes it; ours: the made ant misses
+    D4RL's 1,000 steps in a quarter of its walks, PointMaze's PD controller in none)"""
+    demo_attempts: Optional[int] = None
+    """--kind expert in a maze: most episodes to try for --episodes that reach the goal; default 4 × --episodes"""
     starts: Literal["reset", "anywhere"] = "reset"
     """--kind expert: demonstrations, and the evaluation task written with them, start at the evaluation reset cell
     (D4RL's task) or at any free cell (a harder task: start cells the demonstrations may never have visited)"""
@@ -354,9 +360,9 @@ def collect(args: Args):
         maze_cells = maze_spec(args)
         reset_cell = np.array(maze_cells["reset_cell"]) if args.starts == "reset" else None  # None: drawn by the env
         options = {"reset_cell": reset_cell, "goal_cell": np.array(maze_cells["goal_cell"])}
-        for episode in tqdm(range(args.episodes), desc="demonstrations"):
-            buffers.append(run_episode(data_env, policy, seed=args.seed + episode, options=options))
-        return buffers, data_env, eval_env
+        run = lambda attempt: run_episode(data_env, policy, seed=args.seed + attempt, options=options)
+        attempts = args.demo_attempts or 4 * args.episodes
+        return successful_demonstrations(run, args.episodes, attempts, args.keep_failed), data_env, eval_env
     with tqdm(total=total_steps, desc=f"{args.kind} {args.env}", unit="step") as progress:
         steps = 0
         while steps < total_steps:
@@ -366,6 +372,27 @@ def collect(args: Args):
             steps += len(buffer.rewards)
             progress.update(len(buffer.rewards))
     return buffers, data_env, eval_env
+
+
+def successful_demonstrations(run, wanted: int, attempts: int, keep_failed: bool = False) -> list:
+    """The first `wanted` episodes run(0), run(1), ... that reach the goal (with keep_failed: the first `wanted`);
+    a clear stop if `attempts` episodes hold fewer."""
+    kept, tried = [], 0
+    with tqdm(total=wanted, desc="demonstrations") as progress:
+        for tried in range(1, attempts + 1):
+            buffer = run(tried - 1)
+            if keep_failed or np.any(buffer.infos["success"]):
+                kept.append(buffer)
+                progress.update(1)
+            if len(kept) == wanted:
+                break
+    if not keep_failed:
+        print(f"{len(kept)} of {tried} demonstrations reached the goal within the episode's steps")
+    if len(kept) < wanted:
+        raise SystemExit(f"error: only {len(kept)} of {attempts} demonstrations reached the goal, and --episodes asks "
+                         f"for {wanted}: allow more tries (--demo-attempts), longer episodes (--episode-length), or "
+                         "keep the failed ones (--keep-failed).")
+    return kept
 
 
 def collect_metaworld(args: Args):
@@ -488,7 +515,7 @@ def main(args: Args):
                          f"--kind random for {args.env}.")
     if metaworld:  # Meta-World's episodes are at most 500 steps
         args.episode_length = min(args.episode_length, 500)
-    for name in ("steps", "episode_length", "episodes", "settle_steps"):
+    for name in ("steps", "episode_length", "episodes", "settle_steps", "demo_attempts"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}.")

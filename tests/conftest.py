@@ -57,7 +57,7 @@ def datasets(sandbox):
         # antmaze by D4RL's recipe with the committed goal-reaching ant (controllers/ant_goal_reacher.pt)
         "antmaze": ("test/antmaze-large-made-v0", ["--env", "antmaze-large", "--steps", 600, "--episode-length", 200]),
         "antmaze-expert": ("test/antmaze-large-made-expert-v0", ["--env", "antmaze-large", "--kind", "expert", "--episodes", 2,
-                                                                 "--episode-length", 300]),
+                                                                 "--episode-length", 300, "--keep-failed"]),
         "kitchen": ("test/kitchen-random-v0", ["--env", "kitchen", "--kind", "random", "--steps", 200, "--episode-length", 100]),
         "short": ("test/pointmaze-short-v0", ["--env", "pointmaze-umaze", "--kind", "random", "--steps", 40, "--episode-length", 8]),
     }

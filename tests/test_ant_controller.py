@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_refused, run_script
 
 sys.path.insert(0, str(ROOT / "controllers"))
 import ant_goal_reacher as ag  # noqa: E402
@@ -126,9 +126,14 @@ def test_d4rls_antmaze_recipe_with_the_controller_makes_a_dataset_the_scripts_re
         xy = episode.observations["achieved_goal"]
         assert np.linalg.norm(xy - xy[0], axis=1).max() > 2.0
     demos = run_script(sandbox, "collect_data.py", "--env", "antmaze-large", "--kind", "expert", "--episodes", 1,
-                       "--episode-length", 50, "--dataset-id", "test/antmaze-made-expert-v0")
+                       "--episode-length", 50, "--keep-failed", "--dataset-id", "test/antmaze-made-expert-v0")
     assert demos.returncode == 0, demos.stderr[-2000:]
     assert minari.load_dataset("test/antmaze-made-expert-v0").total_episodes == 1
+    # without --keep-failed a 50-step walk (about 4 m of the 56 m path) is no demonstration: a clear refusal
+    refused = run_script(sandbox, "collect_data.py", "--env", "antmaze-large", "--kind", "expert", "--episodes", 1,
+                         "--episode-length", 50, "--demo-attempts", 2, "--dataset-id", "test/antmaze-made-expert-2-v0")
+    assert_refused(refused, "only 0 of 2 demonstrations reached the goal", "--keep-failed")
+    assert not (sandbox["base"] / "minari" / "test" / "antmaze-made-expert-2-v0").exists()
     missing = run_script(sandbox, "collect_data.py", "--env", "antmaze-large", "--steps", 100, "--controller",
                          tmp_path / "none.pt", "--dataset-id", "test/antmaze-none-v0")
     assert missing.returncode != 0 and "controller" in missing.stderr and "Traceback" not in missing.stderr

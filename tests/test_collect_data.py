@@ -169,3 +169,25 @@ def test_reference_scores_make_d4rls_normalised_scores(datasets):
     kitchen, maze = minari.load_dataset(datasets["kitchen"]), minari.load_dataset(datasets["pointmaze"])
     assert minari.get_normalized_score(kitchen, np.array([3.0]))[0] == pytest.approx(0.75)
     assert minari.get_normalized_score(maze, np.array([1.0]))[0] == pytest.approx(1.0)
+
+
+def test_only_demonstrations_that_reach_the_goal_are_kept():
+    """--kind expert keeps the first --episodes episodes that reach the goal, in the order tried, tries no more than it
+    needs, and stops with a message when --demo-attempts hold too few; --keep-failed keeps the first ones as they
+    come."""
+    import collect_data
+    from types import SimpleNamespace
+
+    reached = [False, True, False, True, True, False, True]  # attempt i reaches the goal?
+    tried = []
+
+    def run(attempt):
+        tried.append(attempt)
+        return SimpleNamespace(attempt=attempt, infos={"success": np.array([False] * 3 + [reached[attempt]])})
+
+    kept = collect_data.successful_demonstrations(run, wanted=3, attempts=7)
+    assert [b.attempt for b in kept] == [1, 3, 4] and tried == [0, 1, 2, 3, 4]
+    tried.clear()
+    assert [b.attempt for b in collect_data.successful_demonstrations(run, 2, 7, keep_failed=True)] == [0, 1]
+    with pytest.raises(SystemExit, match="only 2 of 4 demonstrations reached the goal"):
+        collect_data.successful_demonstrations(run, wanted=3, attempts=4)
