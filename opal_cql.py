@@ -1,20 +1,24 @@
-"""OPAL, step 2: offline RL with primitives. CQL learns a task policy that picks a primitive z every c steps.
+"""OPAL, step 2: offline RL with primitives. A task policy learns to pick a primitive z every c steps.
 
 OPAL (Ajay et al., ICLR 2021, Section 4.1) relabels the dataset with the encoder of `opal_vae.py`: every length-c
-window becomes one high-level transition (s_0, z = μ_φ(τ), Σ_{t<c} γ^t r_t, s_c). Conservative Q-learning (CQL;
-Kumar et al., 2020) learns the task policy π_ψ(z|s) from these transitions; at test time the frozen primitive policy
-π_θ(a|s,z) turns each z into c actions. `--primitives none` runs the same CQL on raw actions (c = 1): the baseline
-column of the paper's Table 1. Three defaults are ours, chosen by measurement (docs/opal_cql.md, details 4, 13
-and 14): each high-level transition is backed up with γ once per decision, the task policy pays λ KL(π_ψ ‖ ρ_ω)
-toward the VAE's prior, as SPiRL does, and the CQL weight stays fixed on the latent space (CORL's Lagrange tuning
-on raw actions); the paper fixes none of them.
+window becomes one high-level transition (s_0, z = μ_φ(τ), Σ_{t<c} γ^t r_t, s_c). An offline value method learns
+the task policy π_ψ(z|s) from these transitions; at test time the frozen primitive policy π_θ(a|s,z) turns each z
+into c actions. `--primitives none` runs the same method on raw actions (c = 1): the baseline. Two value methods:
+conservative Q-learning (CQL; Kumar et al., 2020), the paper's (`--algorithm cql`), and implicit Q-learning (IQL;
+Kostrikov et al., 2022), which scores only the data's own choices, the default (ours: on the generated mazes that
+no default was tuned on before, CQL+OPAL at its defaults failed two of four; IQL+OPAL with CORL's antmaze network
+size reached every goal, docs/maze_family.md). CQL's own defaults are ours by measurement too (docs/opal_cql.md,
+details 4, 13 and 14): each high-level transition is backed up with γ once per decision, the task policy
+pays λ KL(π_ψ ‖ ρ_ω) toward the VAE's prior, as SPiRL does, and the CQL weight stays fixed on the latent space
+(CORL's Lagrange tuning on raw actions); the paper fixes none of them.
 
 A *choice* below is what the task policy outputs and the critics score: the latent z with primitives (held for c
 steps), the raw action a without them (c = 1). The same code handles both.
 
-Run:    python opal_cql.py --vae-ckpt runs/<vae run>/opal_vae.pt                 # CQL+OPAL on pointmaze-large
-        python opal_cql.py --primitives none                                     # plain CQL
-        python opal_cql.py --env antmaze-large-diverse --vae-ckpt runs/<vae run>/opal_vae.pt
+Run:    python opal_cql.py --vae-ckpt runs/<vae run>/opal_vae.pt                 # IQL+OPAL on pointmaze-large
+        python opal_cql.py --primitives none                                     # plain IQL
+        python opal_cql.py --algorithm cql --vae-ckpt runs/<vae run>/opal_vae.pt # CQL+OPAL, the paper's method
+        python opal_cql.py --env antmaze-large-diverse --algorithm cql --vae-ckpt runs/<vae run>/opal_vae.pt
 Reads:  a Minari dataset (--env or --dataset-id) and, with primitives, a finished opal_vae.pt
 Writes: runs/opal_cql__<env>__<seed>__<time>/  opal_cql.pt (task policy + the primitive policy it drives),
         TensorBoard events, config.json, eval.mp4 with --capture-video
@@ -58,7 +62,7 @@ class Args:
     allow_unfinished: bool = False
     """accept a --vae-ckpt whose run did not finish (stopped before its last step); refused otherwise"""
     primitives: Literal["opal", "none"] = "opal"
-    """opal: CQL over latent primitives; none: plain CQL over raw actions (c = 1), the baseline"""
+    """opal: the value method (--algorithm) over latent primitives; none: over raw actions (c = 1), the baseline"""
     track: bool = False
     """log to Weights & Biases (WANDB_MODE=offline works without an account)"""
     wandb_project_name: str = "opal"
@@ -110,10 +114,11 @@ class Args:
     relabel_stride: Optional[int] = None
     """start of one high-level window every this many steps; default c (the paper's partition of trajectories)"""
 
-    # The value method: CQL (the paper's), or IQL (in-support values; SUPE runs it on OPAL-style skills)
-    algorithm: Literal["cql", "iql"] = "cql"
-    """cql: conservative Q-learning (the paper's); iql: implicit Q-learning (Kostrikov et al. 2022): expectile values
-    of the data's own choices and advantage-weighted extraction, no choice outside the data is ever scored"""
+    # The value method: IQL (in-support values; SUPE runs it on OPAL-style skills), or CQL (the paper's)
+    algorithm: Literal["iql", "cql"] = "iql"
+    """iql: implicit Q-learning (Kostrikov et al. 2022): expectile values of the data's own choices and
+    advantage-weighted extraction, no choice outside the data is ever scored (the default, ours: the only candidate
+    that reached the goal on all four tuning mazes, docs/maze_family.md); cql: conservative Q-learning (the paper's)"""
     iql_expectile: float = 0.9
     """IQL: expectile τ of V(s) under Q(s, c) of the data's choices (IQL's antmaze setting: 0.9)"""
     iql_temperature: float = 10.0
@@ -136,11 +141,13 @@ class Args:
     critic_lr: float = 3e-4
     """Adam learning rate of the critics (CORL)"""
     hidden_dim: Optional[int] = None
-    """width of the task policy's and critics' hidden layers; default 256 on D4RL aliases (CORL), else 128 (ours)"""
+    """width of the task policy's, critics' and V's hidden layers; default 256 (CORL's antmaze CQL), except CQL on
+    data other than D4RL's: 128 (ours, a CPU's budget)"""
     policy_layers: int = 3
     """hidden layers of the task policy (CORL)"""
     critic_layers: Optional[int] = None
-    """hidden layers of each critic; default 5 for D4RL aliases (CORL antmaze), 3 otherwise (ours)"""
+    """hidden layers of each critic (and of V); default 5 (CORL's antmaze CQL), except CQL on data other than D4RL's:
+    3 (ours, a CPU's budget; IQL needed 5 on a tuning maze, docs/maze_family.md)"""
     critic_layer_norm: bool = False
     """normalise each hidden layer of the critics (ReBRAC, Tarasov et al. 2023; ours as an option)"""
     cql_alpha: float = 5.0
@@ -174,7 +181,7 @@ class Args:
             fail(f"--latent-bound-std must be positive, got {self.latent_bound_std}.")
         if self.primitives == "opal" and not self.vae_ckpt and not self.resume:
             fail("--primitives opal needs --vae-ckpt runs/<opal_vae run>/opal_vae.pt (train one with opal_vae.py), "
-                 "or use --primitives none for plain CQL.")
+                 "or use --primitives none for the value method on raw actions.")
         if self.lagrange is None:
             self.lagrange = self.primitives == "none"
         if not 0 < self.iql_expectile < 1 or self.iql_temperature < 0 or self.iql_max_weight <= 0:
@@ -189,9 +196,10 @@ class Args:
     def fill_budget(self, dataset_id: str):
         """The budget's flags left unset: CORL's antmaze configuration on D4RL data, ours (a CPU's) on any other."""
         paper_scale = dataset_id.startswith("D4RL/")
+        wide = paper_scale or self.algorithm == "iql"  # CQL is 3-4x slower a step at 256 x 5 (docs/maze_family.md)
         self.total_steps = self.total_steps or (1_000_000 if paper_scale else 30_000)
-        self.hidden_dim = self.hidden_dim or (256 if paper_scale else 128)
-        self.critic_layers = self.critic_layers or (5 if paper_scale else 3)
+        self.hidden_dim = self.hidden_dim or (256 if wide else 128)
+        self.critic_layers = self.critic_layers or (5 if wide else 3)
         self.eval_every = self.eval_every or max(1, self.total_steps // 6)
 
 

@@ -62,16 +62,16 @@ timeout 200 python3 opal_vae.py --env pointmaze-large --num-steps 3000 --bc-step
     --runs-dir $runs > "$LOGS/opal_vae.log" 2>&1; echo "opal_vae.py exit $?"
 grep -E "bf16|summary|checkpoint:" "$LOGS/opal_vae.log"
 vae=$(ls -d $runs/opal_vae__*/ | tail -n 1)
-timeout 200 python3 opal_cql.py --env pointmaze-large --vae-ckpt "$vae" --total-steps 6000 --eval-every 2000 \
+timeout 200 python3 opal_cql.py --algorithm cql --env pointmaze-large --vae-ckpt "$vae" --total-steps 6000 --eval-every 2000 \
     --eval-episodes 20 --device cuda --runs-dir $runs > "$LOGS/opal_cql.log" 2>&1; echo "opal_cql.py exit $?"
 grep -E "bf16|step [0-9]+:|summary" "$LOGS/opal_cql.log" | cut -c 1-220
-timeout 150 python3 opal_cql.py --env pointmaze-large --primitives none --total-steps 3000 --eval-every 3000 \
+timeout 150 python3 opal_cql.py --algorithm cql --env pointmaze-large --primitives none --total-steps 3000 --eval-every 3000 \
     --eval-episodes 10 --device cuda --runs-dir $runs > "$LOGS/cql_raw.log" 2>&1; echo "opal_cql.py --primitives none exit $?"
 grep -E "bf16|summary" "$LOGS/cql_raw.log" | cut -c 1-220
 timeout 150 python3 opal_online_sac.py --env pointmaze-large --vae-ckpt "$vae" --total-steps 20000 --eval-every 20000 \
     --eval-episodes 10 --device cuda --runs-dir $runs > "$LOGS/online_sac.log" 2>&1; echo "opal_online_sac.py exit $?"
 grep -E "bf16|summary" "$LOGS/online_sac.log" | cut -c 1-220
-timeout 200 python3 opal_cql.py --env pointmaze-large --vae-ckpt "$vae" --total-steps 1500 --eval-every 1500 \
+timeout 200 python3 opal_cql.py --algorithm cql --env pointmaze-large --vae-ckpt "$vae" --total-steps 1500 --eval-every 1500 \
     --eval-episodes 10 --device cuda --compile --runs-dir $runs > "$LOGS/cql_compile.log" 2>&1
 echo "opal_cql.py --compile exit $?"
 grep -E "bf16|summary" "$LOGS/cql_compile.log" | cut -c 1-220

@@ -64,7 +64,8 @@ def test_the_scripts_alias_of_a_generated_maze():
 
 def test_a_generated_maze_dataset_and_a_run_on_it(sandbox):
     """The D4RL recipe in maze 3: the data stays inside its walls (collect_data's own checks) and the evaluation env
-    stored with it is maze 3 with its reset and goal cells; plain CQL trains and evaluates there."""
+    stored with it is maze 3 with its reset and goal cells; opal_cql.py without primitives, at its default value
+    method (IQL), trains and evaluates there."""
     made = run_script(sandbox, "collect_data.py", "--env", "pointmaze-gen", "--maze-seed", 3, "--steps", 2000,
                       "--episode-length", 500)
     assert made.returncode == 0, made.stderr[-2000:]
@@ -80,7 +81,7 @@ def test_a_generated_maze_dataset_and_a_run_on_it(sandbox):
                         "--eval-every", 20, "--eval-episodes", 2, "--num-envs", 2, "--runs-dir",
                         sandbox["base"] / "gen-runs")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "normalized score" in result.stdout
+    assert "20 IQL steps" in result.stdout and "normalized score" in result.stdout
 
 
 def test_coverage_counts_land_in_the_right_cells_by_hand():

@@ -22,7 +22,9 @@ TINY = ["--hidden-dim", 32, "--critic-layers", 2, "--policy-layers", 2, "--batch
 
 
 def run_cql(sandbox, *arguments):
-    return run_script(sandbox, "opal_cql.py", *TINY, "--runs-dir", sandbox["base"] / "cql-runs", *arguments)
+    """opal_cql.py at TINY's budget; with CQL, the paper's method, unless the arguments name --algorithm."""
+    method = [] if "--algorithm" in arguments else ["--algorithm", "cql"]
+    return run_script(sandbox, "opal_cql.py", *TINY, *method, "--runs-dir", sandbox["base"] / "cql-runs", *arguments)
 
 
 def test_relabel_by_hand():
@@ -332,12 +334,14 @@ def test_iql_runs_end_to_end_and_its_checkpoint_loads(sandbox, datasets, vae_che
 
 def test_defaults_are_the_papers_and_corls():
     """The hyperparameters a user gets without flags: the paper's for the β-VAE (Ajay et al. 2021, App. B), CORL's
-    antmaze configuration for CQL; the ones marked "ours" in --help are pinned here too, so a change is deliberate."""
+    antmaze configuration for CQL, IQL's for IQL; the ones marked "ours" in --help are pinned here too (the value
+    method itself among them: IQL by the generated mazes' tuning set), so a change is deliberate."""
     import opal_vae as ov
 
     vae = ov.Args()
     assert (vae.c, vae.latent_dim, vae.beta, vae.hidden_dim, vae.gru_layers, vae.learning_rate) == (10, 8, 0.1, 200, 4, 1e-3)
-    cql = oc.Args(primitives="none")
+    assert oc.Args(primitives="none").algorithm == "iql"  # ours (docs/maze_family.md); CQL is the paper's
+    cql = oc.Args(primitives="none", algorithm="cql")
     assert (cql.gamma, cql.tau, cql.policy_lr, cql.critic_lr, cql.batch_size) == (0.99, 0.005, 1e-4, 3e-4, 256)
     assert (cql.cql_alpha, cql.lagrange, cql.target_action_gap, cql.cql_n_actions, cql.max_target_backup) == \
         (5.0, True, 0.8, 10, True)
@@ -347,19 +351,26 @@ def test_defaults_are_the_papers_and_corls():
         (1.0, -1.0, 0.9, 10.0, 100.0)
     assert (cql.algorithm, cql.critic_layer_norm) == ("cql", False)
     # ours: on the latent space the CQL weight stays fixed at --cql-alpha, unless asked for
-    assert (oc.Args(vae_ckpt="opal_vae.pt").lagrange, oc.Args(vae_ckpt="opal_vae.pt", lagrange=True).lagrange,
-            oc.Args(primitives="none", lagrange=False).lagrange) == (False, True, False)
+    assert (oc.Args(vae_ckpt="opal_vae.pt", algorithm="cql").lagrange,
+            oc.Args(vae_ckpt="opal_vae.pt", algorithm="cql", lagrange=True).lagrange,
+            oc.Args(primitives="none", algorithm="cql", lagrange=False).lagrange) == (False, True, False)
     assert (cql.high_level_discount, cql.latent_bound, cql.latent_bound_std, cql.prior_kl_weight) == \
         ("decision", "minmax", 2.0, 10.0)  # ours, by five seeds on two mazes (docs/pointmaze_results.md)
     # the budget: CORL's antmaze configuration on D4RL data; ours on every other dataset, 30,000 steps by five seeds
-    # of both methods on two mazes (docs/opal_cql.md, detail 6); a flag the user gives is kept
+    # of both methods on two mazes (docs/opal_cql.md, detail 6), CQL's networks 128 x 3 there (a CPU's), IQL's
+    # 256 x 5 (by the tuning mazes); a flag the user gives is kept
     budgets = {}
-    for env, flags in (("antmaze-large-diverse", {}), ("pointmaze-large", {}), ("pointmaze-large", {"total_steps": 7})):
+    for env, flags in (("antmaze-large-diverse", {}), ("pointmaze-large", {}), ("pointmaze-large", {"total_steps": 7}),
+                       ("antmaze-large-diverse", {"algorithm": "cql"}), ("pointmaze-large", {"algorithm": "cql"}),
+                       ("pointmaze-large", {"algorithm": "cql", "hidden_dim": 64})):
         args = oc.Args(primitives="none", env=env, **flags)
         args.fill_budget(resolve_dataset_id(args.env, args.dataset_id))
-        budgets[env, bool(flags)] = (args.total_steps, args.hidden_dim, args.critic_layers, args.eval_every)
-    assert budgets == {("antmaze-large-diverse", False): (1_000_000, 256, 5, 166_666),
-                       ("pointmaze-large", False): (30_000, 128, 3, 5_000), ("pointmaze-large", True): (7, 128, 3, 1)}
+        budgets[env, *flags.values()] = (args.total_steps, args.hidden_dim, args.critic_layers, args.eval_every)
+    assert budgets == {("antmaze-large-diverse",): (1_000_000, 256, 5, 166_666),
+                       ("pointmaze-large",): (30_000, 256, 5, 5_000), ("pointmaze-large", 7): (7, 256, 5, 1),
+                       ("antmaze-large-diverse", "cql"): (1_000_000, 256, 5, 166_666),
+                       ("pointmaze-large", "cql"): (30_000, 128, 3, 5_000),
+                       ("pointmaze-large", "cql", 64): (30_000, 64, 3, 5_000)}
 
 
 def test_a_signal_during_a_steps_logging_still_checkpoints_before_the_stop():
