@@ -19,6 +19,7 @@ Importing it registers gymnasium-robotics' environments (quietly: without its no
 docs/opal_utils.md describes it; tests/test_opal_utils.py and the scripts' tests test it.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -87,6 +88,31 @@ def resolve_dataset_id(env: str, dataset_id: Optional[str]) -> str:
     return ENV_ALIASES[env]
 
 
+@contextlib.contextmanager
+def generation_lock(dataset_id: str):
+    """Hold an exclusive lock on generating `dataset_id` (a file beside it in the store), so that of several runs
+    started at once on a missing dataset one makes it and the others wait, then load it. Without fcntl (Windows)
+    nothing is locked."""
+    store = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        lock = open(store / f".{dataset_id.replace('/', '--')}.lock", "a")
+    except OSError as error:
+        fail(f"cannot use the Minari store {store} ({error.strerror}). Set MINARI_DATASETS_PATH to a writable folder.")
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another run is generating {dataset_id}: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def load_minari_dataset(dataset_id: str):
     """The dataset from the local Minari store; pointmaze data is generated, D4RL data downloaded."""
     try:
@@ -100,21 +126,27 @@ def load_minari_dataset(dataset_id: str):
         fail(f"the local copy of {dataset_id} cannot be read ({type(error).__name__}: {error}). Delete it and retry.")
     generated = GENERATED.fullmatch(dataset_id)
     if generated:
-        collector = Path(__file__).with_name("collect_data.py")
-        print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} "
-              "(45 s on 2 idle cores)")
-        if not collector.exists():
-            fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
-        env = ["--env", "pointmaze-gen", "--maze-seed", generated[2]] if generated[2] else ["--env", generated[1]]
-        command = [sys.executable, str(collector), *env, "--kind", generated[3],
-                   *(["--starts", "anywhere"] if generated[4] else [])]
-        returncode = subprocess.run(command).returncode
-        if returncode in (130, -signal.SIGINT, 143, -signal.SIGTERM):  # Ctrl-C (or SIGTERM) reached both processes
-            print(f"stopped while generating {dataset_id}: nothing was written; run the command again to start over")
-            sys.exit(130)
-        if returncode != 0:
-            fail(f"generating {dataset_id} failed (command: {' '.join(command)}); its output is above.")
-        return minari.load_dataset(dataset_id)
+        with generation_lock(dataset_id):
+            try:  # made by another run while this one waited for the lock (a grid starts several runs at once)
+                return minari.load_dataset(dataset_id)
+            except FileNotFoundError:
+                pass
+            collector = Path(__file__).with_name("collect_data.py")
+            print(f"{dataset_id} is not in the local Minari store: generating it with {collector.name} "
+                  "(45 s on 2 idle cores)")
+            if not collector.exists():
+                fail(f"{dataset_id} is missing and {collector} is not beside this script to make it.")
+            env = ["--env", "pointmaze-gen", "--maze-seed", generated[2]] if generated[2] else ["--env", generated[1]]
+            command = [sys.executable, str(collector), *env, "--kind", generated[3],
+                       *(["--starts", "anywhere"] if generated[4] else [])]
+            returncode = subprocess.run(command).returncode
+            if returncode in (130, -signal.SIGINT, 143, -signal.SIGTERM):  # Ctrl-C (or SIGTERM) reached both
+                print(f"stopped while generating {dataset_id}: nothing was written; run the command again to start "
+                      "over")
+                sys.exit(130)
+            if returncode != 0:
+                fail(f"generating {dataset_id} failed (command: {' '.join(command)}); its output is above.")
+            return minari.load_dataset(dataset_id)
     try:
         return minari.load_dataset(dataset_id, download=True)
     except ImportError:

@@ -1,16 +1,20 @@
 """opal_utils.py, the bookkeeping module: the checkpoint contract (save, load, refusals), the bf16 decision and its
-probe, and the aliases' refusal. Its evaluation is tested in test_evaluation.py with the scripts' test-time execution,
+probe, the aliases' refusal and the lock on generating a missing dataset. Its evaluation is tested in test_evaluation.py with the scripts' test-time execution,
 its CUDA graphs in test_cuda_graph.py with the scripts' updates, and the rest end to end through the scripts."""
 
 import os
+import subprocess
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import opal_vae as ov
 from opal_utils import (
-    CHECKPOINT_FORMAT_VERSION, bf16_probe, check_checkpoint, load_checkpoint, resolve_dataset_id, save_checkpoint,
-    use_bf16
+    CHECKPOINT_FORMAT_VERSION, bf16_probe, check_checkpoint, load_checkpoint, load_minari_dataset, resolve_dataset_id,
+    save_checkpoint, use_bf16
 )
 
 
@@ -128,3 +132,37 @@ def test_unknown_alias_lists_the_valid_ones():
     with pytest.raises(SystemExit, match="unknown --env 'antmaze-hard'.*antmaze-large-diverse.*pointmaze-large"):
         resolve_dataset_id("antmaze-hard", None)
     assert resolve_dataset_id("antmaze-hard", "x/y-v0") == "x/y-v0"
+
+
+def test_runs_started_at_once_on_a_missing_dataset_generate_it_once(tmp_path, monkeypatch, capsys):
+    """A grid starts two runs on a generated maze whose data is not made yet: one generates it, the other waits for
+    the lock and loads what the first made (before the lock both generated, and one read the dataset while the other
+    replaced it). The collector is faked: it takes 0.5 s and 'writes' the dataset that the faked store then finds."""
+    import minari
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    made, generations = [], []
+
+    def fake_load(dataset_id, download=False):
+        if not made:
+            raise FileNotFoundError(dataset_id)
+        return made[0]
+
+    def fake_collector(command, **kwargs):
+        generations.append(command)
+        time.sleep(0.5)
+        made.append("the dataset")
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(minari, "load_dataset", fake_load)
+    monkeypatch.setattr(subprocess, "run", fake_collector)
+    loaded = []
+    runs = [threading.Thread(target=lambda: loaded.append(load_minari_dataset("opal/pointmaze-gen7-diverse-v0")))
+            for _ in range(2)]
+    for run in runs:
+        run.start()
+        time.sleep(0.1)
+    for run in runs:
+        run.join(timeout=30)
+    assert loaded == ["the dataset", "the dataset"]
+    assert len(generations) == 1 and "--maze-seed" in generations[0] and "7" in generations[0]
+    assert "another run is generating opal/pointmaze-gen7-diverse-v0: waiting for it" in capsys.readouterr().out
