@@ -292,6 +292,7 @@ def run_grid(grid: dict, args: Args) -> int:
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
+    signal.signal(signal.SIGTERM, interrupt)  # ray.init put in Ray's, which ends the grid before the runs save
     task = ray.remote(execute)
     cpus, largest = ray.cluster_resources().get("CPU", 0), max(run["cpus"] for run in todo)
     if cpus < largest:  # no run could ever be scheduled: it would wait forever
@@ -316,7 +317,8 @@ def run_grid(grid: dict, args: Args) -> int:
         print("stopping: the runs save their checkpoints; run the same command again to resume them", flush=True)
         stop_file.parent.mkdir(parents=True, exist_ok=True)
         stop_file.touch()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a second Ctrl-C would leave runs half-written)
+        for again in (signal.SIGINT, signal.SIGTERM):  # (a second Ctrl-C or kill would leave runs half-written)
+            signal.signal(again, signal.SIG_IGN)
         ray.wait(list(pending), num_returns=len(pending), timeout=300)
         stop_file.unlink(missing_ok=True)
         ray.shutdown()
@@ -472,7 +474,8 @@ def report(grid: dict, import_runs=()) -> str:
     """Write table.md, intervals.png, curves.png and records.jsonl into the grid's report folder; return the table."""
     matched = matching_records(grid, import_runs)
     grid["report_dir"].mkdir(parents=True, exist_ok=True)
-    (grid["report_dir"] / "records.jsonl").write_text("".join(json.dumps(matched[key]) + "\n" for key in sorted(matched)))
+    (grid["report_dir"] / "records.jsonl").write_text(
+        "".join(json.dumps(matched[key]) + "\n" for key in sorted(matched)))
     if grid["records"] is not None:  # the records file keeps every matched run, so the table outlives the run folders
         kept = {}
         if grid["records"].exists():

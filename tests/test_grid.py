@@ -219,9 +219,12 @@ def start_a_long_run(sandbox, datasets, tmp_path, experiment: str):
     return grid, grid_file, log
 
 
-def test_a_stopped_grid_checkpoints_its_runs_and_resumes_them(sandbox, datasets, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_stopped_grid_checkpoints_its_runs_and_resumes_them(sandbox, datasets, tmp_path, stop):
+    # Ctrl-C, or SIGTERM from `kill` or a cluster's scheduler (Ray's own handler of SIGTERM must not end the grid
+    # before the runs have saved)
     grid, grid_file, log = start_a_long_run(sandbox, datasets, tmp_path, "cql")
-    grid.send_signal(signal.SIGINT)  # Ctrl-C
+    grid.send_signal(stop)
     out, _ = grid.communicate(timeout=180)
     assert grid.returncode == 130, out[-3000:]
     assert "stopping: the runs save their checkpoints" in out
