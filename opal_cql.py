@@ -194,7 +194,7 @@ class Args:
             self.vae_ckpt = str(Path(self.vae_ckpt).resolve())
 
     def fill_budget(self, dataset_id: str):
-        """The budget's flags left unset: CORL's antmaze configuration on D4RL data, ours (a CPU's) on any other."""
+        """Unset budget flags: CORL's antmaze configuration on D4RL data, else ours (a CPU's; IQL keeps CORL's nets)."""
         paper_scale = dataset_id.startswith("D4RL/")
         wide = paper_scale or self.algorithm == "iql"  # CQL is 3-4x slower a step at 256 x 5 (docs/maze_family.md)
         self.total_steps = self.total_steps or (1_000_000 if paper_scale else 30_000)

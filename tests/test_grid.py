@@ -20,8 +20,8 @@ from opal_utils import save_checkpoint  # noqa: E402
 from conftest import run_script  # noqa: E402
 
 TINY_VAE = "--num-steps 20 --bc-steps 5 --hidden-dim 32 --gru-layers 1 --batch-size 16 --picture-latents 1"
-TINY_CQL = ("--algorithm cql --hidden-dim 32 --critic-layers 2 --policy-layers 2 --batch-size 32 --cql-n-actions 3 --total-steps 30 "
-            "--log-every 10 --eval-every 10 --eval-episodes 2 --eval-episodes-during 2 --num-envs 2")
+TINY_CQL = ("--algorithm cql --hidden-dim 32 --critic-layers 2 --policy-layers 2 --batch-size 32 --cql-n-actions 3 "
+            "--total-steps 30 --log-every 10 --eval-every 10 --eval-episodes 2 --eval-episodes-during 2 --num-envs 2")
 
 
 def write_grid(folder: Path, dataset_id: str, broken: bool = True) -> Path:

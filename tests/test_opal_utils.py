@@ -1,6 +1,7 @@
 """opal_utils.py, the bookkeeping module: the checkpoint contract (save, load, refusals), the bf16 decision and its
-probe, the aliases' refusal and the lock on generating a missing dataset. Its evaluation is tested in test_evaluation.py with the scripts' test-time execution,
-its CUDA graphs in test_cuda_graph.py with the scripts' updates, and the rest end to end through the scripts."""
+probe, the aliases' refusal and the lock on generating a missing dataset. Its evaluation is tested in
+test_evaluation.py with the scripts' test-time execution, its CUDA graphs in test_cuda_graph.py with the scripts'
+updates, and the rest end to end through the scripts."""
 
 import os
 import subprocess

@@ -67,7 +67,8 @@ def test_vae_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets):
 
 # --no-bf16: each run's start-up probe could choose differently for networks this small; a resumed run keeps its
 # choice (tests/test_opal_vae.py), and only the two separate runs compared here would differ
-CQL = ["--algorithm", "cql", "--no-bf16", "--hidden-dim", 32, "--critic-layers", 2, "--policy-layers", 2, "--batch-size", 32, "--cql-n-actions", 3,
+CQL = ["--algorithm", "cql", "--no-bf16", "--hidden-dim", 32, "--critic-layers", 2, "--policy-layers", 2,
+       "--batch-size", 32, "--cql-n-actions", 3,
        "--total-steps", 1200, "--log-every", 100, "--eval-every", 400, "--eval-episodes", 2, "--eval-episodes-during", 2,
        "--num-envs", 2, "--save-every", 100000]
 
