@@ -95,8 +95,9 @@ def test_grid_refuses_a_cluster_without_cpus_and_a_zero_poll(flags):
     assert str(refused.value).startswith("error: --")
 
 
-def test_the_progress_bar_shows_small_rates_and_the_stop_is_on_its_own_line(capsys):
+def test_the_progress_bar_shows_small_rates_and_the_stop_is_on_its_own_line(capsys, monkeypatch):
     """0.25 steps/s shows as 0.25, not 0; a stop prints below the bar how to continue."""
+    monkeypatch.setattr(time, "time", lambda: 1000.0)  # a frozen clock: the rate must not drift with the machine's load
     shown, stop_requested = {}, []
     args = SimpleNamespace(save_every=1000, log_every=1)
     loop = Loop("β-VAE", 1, 10, args, SimpleNamespace(add_scalar=lambda *a: None), {}, lambda step: None,
