@@ -76,7 +76,7 @@ if __name__ == "__main__":
         for xy in paths:
             ax.plot(xy[:, 0], xy[:, 1], lw=1)
         ax.plot(*maze.unique_goal_locations[0], "r*", ms=12)
-        label = "CQL+OPAL" if payload["primitives"] == "opal" else "CQL"
+        label = payload["args"].get("algorithm", "cql").upper() + ("+OPAL" if payload["primitives"] == "opal" else "")
         ax.set_title(f"{label}, seed {payload['seed']}, {payload['step']} steps", fontsize=9)
         ax.set_aspect("equal")
         ax.set_xticks([]), ax.set_yticks([])
