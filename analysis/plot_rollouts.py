@@ -58,6 +58,22 @@ def rollout_paths(path, episodes):
     return payload, env.unwrapped.maze, paths
 
 
+def method_label(payload: dict) -> str:
+    """The method of an opal_cql.pt checkpoint as the tables name it: CQL, IQL+OPAL, ... (CQL before --algorithm)."""
+    method = payload["args"].get("algorithm", "cql").upper()
+    return f"{method}+OPAL" if payload["primitives"] == "opal" else method
+
+
+def draw_walls(axis, maze):
+    """The maze's wall cells as grey squares, in the environment's xy frame."""
+    size = maze.maze_size_scaling
+    for r, row in enumerate(maze.maze_map):
+        for c, cell in enumerate(row):
+            if cell == 1:
+                x, y = maze.cell_rowcol_to_xy(np.array([r, c]))
+                axis.add_patch(plt.Rectangle((x - size / 2, y - size / 2), size, size, color="0.4"))
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     columns = min(3, len(args.checkpoints))
@@ -67,17 +83,11 @@ if __name__ == "__main__":
         ax.axis("off")
     for ax, path in zip(axes.flat, args.checkpoints):
         payload, maze, paths = rollout_paths(path, args.episodes)
-        size = maze.maze_size_scaling
-        for r, row in enumerate(maze.maze_map):
-            for col, value in enumerate(row):
-                if value == 1:
-                    x, y = maze.cell_rowcol_to_xy(np.array([r, col]))
-                    ax.add_patch(plt.Rectangle((x - size / 2, y - size / 2), size, size, color="0.4"))
+        draw_walls(ax, maze)
         for xy in paths:
             ax.plot(xy[:, 0], xy[:, 1], lw=1)
         ax.plot(*maze.unique_goal_locations[0], "r*", ms=12)
-        label = payload["args"].get("algorithm", "cql").upper() + ("+OPAL" if payload["primitives"] == "opal" else "")
-        ax.set_title(f"{label}, seed {payload['seed']}, {payload['step']} steps", fontsize=9)
+        ax.set_title(f"{method_label(payload)}, seed {payload['seed']}, {payload['step']} steps", fontsize=9)
         ax.set_aspect("equal")
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()

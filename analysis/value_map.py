@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import opal_cql as oc  # noqa: E402
 from plot_mazes import shortest_path  # noqa: E402
+from plot_rollouts import draw_walls, method_label  # noqa: E402
 from opal_utils import evaluation_env, flatten_observation, load_minari_dataset, policies_from_checkpoint  # noqa: E402
 
 
@@ -110,11 +111,7 @@ def main():
               f"{int((cosine > 0.7).sum())} of {len(cosine)} cells; cell: Q, cosine")
         print("  " + "; ".join(f"{cell}: {q:.0f}, {cos:+.2f}" for cell, q, cos in zip(cells, path_value, cosine)))
         size = maze.maze_size_scaling
-        for r, row in enumerate(maze.maze_map):
-            for c, cell in enumerate(row):
-                if cell == 1:
-                    x, y = maze.cell_rowcol_to_xy(np.array([r, c]))
-                    axis.add_patch(plt.Rectangle((x - size / 2, y - size / 2), size, size, color="0.4"))
+        draw_walls(axis, maze)
         marker = 22 * size / args.points_per_cell
         image = axis.scatter(xy[:, 0], xy[:, 1], c=value, s=marker ** 2 / 4, marker="s", cmap="viridis")
         length = np.linalg.norm(direction, axis=1, keepdims=True) + 1e-8
@@ -123,8 +120,7 @@ def main():
                     color="white")
         axis.plot(*maze.unique_goal_locations[0], "r*", ms=14)
         axis.plot(*maze.unique_reset_locations[0], "o", color="tab:green", ms=8)
-        method = payload["args"].get("algorithm", "cql").upper()
-        label = f"{method}+OPAL" if payload["primitives"] == "opal" else method
+        label = method_label(payload)
         size_text = f"critics {payload['args']['hidden_dim']} x {payload['args']['critic_layers']}"
         axis.set_title(f"{label}, {size_text}, seed {payload['seed']}, step {payload['step']}", fontsize=9)
         axis.set_aspect("equal")

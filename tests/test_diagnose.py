@@ -74,3 +74,28 @@ def test_shortest_path_goes_around_the_wall():
 
     maze_map = [[1, 1, 1, 1, 1], [1, 0, 1, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
     assert shortest_path(maze_map, (1, 1), (1, 3)) == [(1, 1), (2, 1), (2, 2), (2, 3), (1, 3)]
+
+
+def test_panels_name_the_method_and_draw_every_wall_cell():
+    """analysis/plot_rollouts.py (shared with value_map.py): a panel's title names the checkpoint's algorithm (CQL
+    where a checkpoint predates --algorithm) and whether it has primitives; one grey square per wall cell, centred
+    where the maze puts that cell."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from plot_rollouts import draw_walls, method_label
+
+    assert method_label({"args": {"algorithm": "iql"}, "primitives": "opal"}) == "IQL+OPAL"
+    assert method_label({"args": {"algorithm": "iql"}, "primitives": "none"}) == "IQL"
+    assert method_label({"args": {}, "primitives": "opal"}) == "CQL+OPAL"
+    maze_map = [[1, 1, 1], [1, 0, 1], [1, 1, 1]]
+    maze = SimpleNamespace(maze_map=maze_map, maze_size_scaling=4.0,
+                           cell_rowcol_to_xy=lambda rc: np.array([10.0 * rc[1], -10.0 * rc[0]]))
+    figure, axis = plt.subplots()
+    draw_walls(axis, maze)
+    corners = sorted(tuple(patch.get_xy()) for patch in axis.patches)
+    walls = [(r, c) for r, row in enumerate(maze_map) for c, cell in enumerate(row) if cell == 1]
+    assert corners == sorted((10.0 * c - 2.0, -10.0 * r - 2.0) for r, c in walls)
+    assert all(patch.get_width() == patch.get_height() == 4.0 for patch in axis.patches)
+    plt.close(figure)
