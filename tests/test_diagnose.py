@@ -89,6 +89,9 @@ def test_panels_name_the_method_and_draw_every_wall_cell():
     assert method_label({"args": {"algorithm": "iql"}, "primitives": "opal"}) == "IQL+OPAL"
     assert method_label({"args": {"algorithm": "iql"}, "primitives": "none"}) == "IQL"
     assert method_label({"args": {}, "primitives": "opal"}) == "CQL+OPAL"
+    assert method_label({"script": "opal_online_sac", "args": {}, "primitives": "opal"}) == "SAC+OPAL"
+    assert method_label({"script": "opal_fewshot_il", "args": {}, "primitives": "none"}) == "BC"
+    assert method_label({"script": "opal_vae", "args": {}}, "sample") == "prior: z ~ ρ(z|s)"
     maze_map = [[1, 1, 1], [1, 0, 1], [1, 1, 1]]
     maze = SimpleNamespace(maze_map=maze_map, maze_size_scaling=4.0,
                            cell_rowcol_to_xy=lambda rc: np.array([10.0 * rc[1], -10.0 * rc[0]]))
@@ -99,3 +102,55 @@ def test_panels_name_the_method_and_draw_every_wall_cell():
     assert corners == sorted((10.0 * c - 2.0, -10.0 * r - 2.0) for r, c in walls)
     assert all(patch.get_width() == patch.get_height() == 4.0 for patch in axis.patches)
     plt.close(figure)
+
+
+def test_prior_choice_is_the_prior_mean_or_a_sample_from_the_prior():
+    """analysis/plot_rollouts.py's PriorChoice (an opal_vae.pt's own choices): the mean of ρ(z|s) whatever the caller
+    asks, or, with sample, draws whose mean and std per dimension are the prior's."""
+    from plot_rollouts import PriorChoice
+
+    states = torch.zeros(20_000, 2)
+    for deterministic in (True, False):
+        choice, _ = PriorChoice(FixedPrior(), sample=False)(states[:3], deterministic=deterministic)
+        assert torch.equal(choice, torch.tensor([[0.0, 1.0, -1.0]]).expand(3, -1))
+    torch.manual_seed(0)
+    draws, _ = PriorChoice(FixedPrior(), sample=True)(states, deterministic=True)
+    assert torch.allclose(draws.mean(0), torch.tensor([0.0, 1.0, -1.0]), atol=0.05), draws.mean(0)
+    assert torch.allclose(draws.std(0), torch.tensor([1.0, 0.5, 2.0]), rtol=0.03), draws.std(0)
+
+
+def test_prior_rollouts_of_a_vae_checkpoint(vae_checkpoints):
+    """plot_rollouts.rollout_paths on an opal_vae.pt: the prior and decoder load from the file and drive an episode
+    of xy points; the prior's mean repeats its path exactly, its samples do not."""
+    import numpy as np
+    from plot_rollouts import rollout_paths
+
+    payload, maze, paths, successes = rollout_paths(vae_checkpoints["pointmaze"], 1)
+    assert payload["script"] == "opal_vae" and len(paths) == len(successes) == 1
+    assert len(paths[0]) > 100 and paths[0].shape[1] == 2
+    again = rollout_paths(vae_checkpoints["pointmaze"], 1)[2]
+    assert np.array_equal(paths[0], again[0])
+    sampled = rollout_paths(vae_checkpoints["pointmaze"], 1, "sample")[2]
+    assert not np.array_equal(paths[0], sampled[0])
+
+
+def test_buffer_reach_counts_goal_transitions_and_orders_a_full_buffer():
+    """analysis/buffer_reach.py: the closest distance to the goal, the transitions within 0.45 of it, the terminal
+    ones, and the spread per tenth oldest first, also where a full buffer has wrapped (oldest row at `position`)."""
+    from buffer_reach import buffer_reach
+
+    xy = torch.zeros(20, 2)
+    xy[:10, 0] = 1.0  # the older half 1 from the start, the newer half 5 from it
+    xy[10:, 0] = 5.0
+    xy[13] = torch.tensor([9.7, 0.0])  # 0.3 from the goal at (10, 0): at the goal
+    xy[17] = torch.tensor([9.0, 0.0])
+    buffer = {"size": 20, "position": 20, "next_states": torch.cat([xy, torch.randn(20, 3)], 1),
+              "dones": (torch.arange(20) == 13).float()}
+    reach = buffer_reach(buffer, goal=torch.tensor([10.0, 0.0]).numpy(), start=torch.zeros(2).numpy())
+    assert reach["transitions"] == 20 and abs(reach["closest"] - 0.3) < 1e-6
+    assert reach["at_goal"] == 1 and reach["terminal"] == 1
+    assert reach["spread"][:5] == [1.0] * 5 and reach["spread"][5] == 5.0
+    assert abs(reach["spread"][6] - (5.0 + 0.9 * 4.7)) < 1e-5  # rows 12, 13: 5 and 9.7
+    wrapped = {**buffer, "position": 10,  # full and wrapped: rows 10-19 are the older half now
+               "next_states": torch.roll(buffer["next_states"], 10, 0), "dones": torch.roll(buffer["dones"], 10)}
+    assert buffer_reach(wrapped, torch.tensor([10.0, 0.0]).numpy(), torch.zeros(2).numpy()) == reach
