@@ -642,7 +642,12 @@ if __name__ == "__main__":
             returns, steps = returns.masked_fill(needs_choice, 0.0), steps.masked_fill(needs_choice, 0)
         with torch.no_grad():  # the primitive's mean action, as in evaluation; without primitives the choice itself
             actions = choices if primitive_policy is None else primitive_policy(states, choices)[0]
-        next_states, rewards, dones, ended = envs.step(actions)
+        next_states, rewards, dones, ended, episodes = envs.step(actions)
+        for episode_return, reached in episodes:  # the training episodes that ended, as CleanRL logs them
+            writer.add_scalar("charts/episodic_return", episode_return, global_step)
+            writer.add_scalar("charts/episode_success", float(reached), global_step)
+            summary["train_episodes"] = summary.get("train_episodes", 0) + 1
+            summary["train_episodes_at_goal"] = summary.get("train_episodes_at_goal", 0) + int(reached)
         ended_mask = torch.as_tensor(ended, device=device)
         rewards = args.reward_scale * rewards + args.reward_bias
         returns, steps, closed = smdp_step(returns, steps, rewards, ended_mask, args.gamma, c)

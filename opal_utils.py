@@ -771,7 +771,7 @@ class TrainingEnvs:
     the environment's termination or at its time limit; the ended copies are reset at once, each new episode from
     the next seed of a counter. Every copy keeps its current episode's seed and actions, so that a checkpoint stores
     where each one is and a resumed run replays them to the same MuJoCo state (`restore`): resuming continues the
-    uninterrupted run exactly."""
+    uninterrupted run exactly. Each copy also sums its episode's task reward, reported when the episode ends."""
 
     def __init__(self, dataset, layout, num_envs: int, first_seed: int, device, **make_kwargs):
         make = lambda: evaluation_env(dataset, **make_kwargs)
@@ -779,6 +779,7 @@ class TrainingEnvs:
         self.layout, self.device, self.next_seed = layout, device, first_seed
         self.act_low, self.act_high = dataset.action_space.low, dataset.action_space.high
         self.episode_seeds, self.episode_actions = [None] * num_envs, [[] for _ in range(num_envs)]
+        self.episode_returns = np.zeros(num_envs)
 
     def states(self, observations) -> torch.Tensor:
         return torch.as_tensor(flatten_observation(observations, self.layout), device=self.device)
@@ -789,20 +790,24 @@ class TrainingEnvs:
         for i in np.flatnonzero(mask):
             seeds[i], self.episode_seeds[i], self.episode_actions[i] = self.next_seed, self.next_seed, []
             self.next_seed += 1
+        self.episode_returns[mask] = 0.0
         observations, _ = self.envs.reset(seed=seeds, options={"reset_mask": mask})
         return self.states(observations)
 
     def step(self, actions: torch.Tensor):
-        """(next states, rewards, dones, ended): done when the goal is reached or the env terminates (no bootstrap),
-        ended also at the time limit."""
+        """(next states, rewards, dones, ended, episodes): done when the goal is reached or the env terminates (no
+        bootstrap), ended also at the time limit; episodes: (task return, reached the goal) of each episode that
+        ended."""
         actions = np.clip(actions.cpu().numpy(), self.act_low, self.act_high)
         for episode_actions, action in zip(self.episode_actions, actions):
             episode_actions.append(action)
         observations, rewards, terminated, truncated, info = self.envs.step(actions)
         success = np.asarray(info.get("success", np.zeros(len(actions), dtype=bool)), dtype=bool)
         done = terminated | success
+        self.episode_returns += rewards
+        episodes = [(float(self.episode_returns[i]), bool(success[i])) for i in np.flatnonzero(done | truncated)]
         return (self.states(observations), torch.as_tensor(rewards, dtype=torch.float32, device=self.device),
-                torch.as_tensor(done, dtype=torch.float32, device=self.device), done | truncated)
+                torch.as_tensor(done, dtype=torch.float32, device=self.device), done | truncated, episodes)
 
     def state_dict(self) -> dict:
         return {"next_seed": self.next_seed, "episode_seeds": list(self.episode_seeds),
@@ -812,13 +817,15 @@ class TrainingEnvs:
 
     def restore(self, saved: dict) -> torch.Tensor:
         """Replay every copy's current episode from its seed: MuJoCo is deterministic, so each copy ends in the
-        state it was saved in. Returns every copy's state."""
+        state it was saved in, with its episode's return so far. Returns every copy's state."""
         self.next_seed = saved["next_seed"]
         observations = []
-        for env, seed, actions in zip(self.envs.envs, saved["episode_seeds"], saved["episode_actions"]):
+        for i, (env, seed, actions) in enumerate(zip(self.envs.envs, saved["episode_seeds"], saved["episode_actions"])):
             observation, _ = env.reset(seed=seed)
+            self.episode_returns[i] = 0.0
             for action in actions.numpy():
-                observation = env.step(action)[0]
+                observation, reward = env.step(action)[:2]
+                self.episode_returns[i] += reward
             observations.append(flatten_observation(observation, self.layout))
         self.episode_seeds = list(saved["episode_seeds"])
         self.episode_actions = [list(actions.numpy()) for actions in saved["episode_actions"]]

@@ -157,6 +157,49 @@ def test_stored_transitions_add_up(sandbox, datasets):
     starts_elsewhere = sum(not (next_states == state).all(1).any() for state in states)
     assert starts_elsewhere <= 200 // 10
     assert 0 < payload["updates"] <= len(steps)  # one update per transition closed after the warm-up
+    # the training episodes' log: one entry per episode that ended (at the goal, a terminal transition; at the time
+    # limit, the 2-step one), its success and its return (the task's 0/1) the same, the goal's count in the summary
+    ended = int(dones.sum()) + int(((steps == 2) & ~dones).sum())
+    summary = payload["summary"]
+    assert summary["train_episodes"] == ended and summary["train_episodes_at_goal"] == int(dones.sum())
+    events = EventAccumulator(str(Path(result.stdout.split("run dir ")[1].split()[0]))).Reload()
+    episode_returns = [event.value for event in events.Scalars("charts/episodic_return")]
+    episode_success = [event.value for event in events.Scalars("charts/episode_success")]
+    assert len(episode_returns) == ended and episode_returns == episode_success
+
+
+def test_training_envs_report_each_episode_and_restore_its_return(sandbox):
+    """opal_utils.TrainingEnvs in the corridor: pushed east, the ball reaches the goal cell; the step that reaches
+    it reports that episode once, as (return 1, reached), and the next episode's return starts from 0. With the
+    dense reward, a copy restored from a checkpoint mid-episode (its actions replayed) has the same return so far
+    and reports the same episode."""
+    from opal_utils import TrainingEnvs, load_minari_dataset, observation_layout
+
+    corridor_dataset("test/corridor-episodes-v0")
+    dataset = load_minari_dataset("test/corridor-episodes-v0")
+    layout, east = observation_layout(dataset), torch.tensor([[1.0, 0.0]])
+    envs = TrainingEnvs(dataset, layout, 1, 7, torch.device("cpu"))
+    envs.reset(np.ones(1, dtype=bool))
+    reports = [envs.step(east)[-1] for _ in range(40)]
+    reached = [i for i, episodes in enumerate(reports) if episodes]
+    assert reached and reports[reached[0]] == [(1.0, True)]  # the sparse reward: 1 on the step at the goal
+    assert all(not episodes for episodes in reports[:reached[0]])
+    envs.reset(np.ones(1, dtype=bool))
+    assert envs.episode_returns.tolist() == [0.0]
+
+    dense = TrainingEnvs(dataset, layout, 1, 7, torch.device("cpu"), reward_type="dense")
+    dense.reset(np.ones(1, dtype=bool))
+    for _ in range(5):
+        dense.step(east)
+    restored = TrainingEnvs(dataset, layout, 1, 7, torch.device("cpu"), reward_type="dense")
+    restored.restore(dense.state_dict())
+    assert 0 < restored.episode_returns[0] == dense.episode_returns[0]
+    for _ in range(40):
+        first, second = dense.step(east)[-1], restored.step(east)[-1]
+        assert first == second
+        if first:
+            break
+    assert first and first[0][1]  # the goal, with the same return in both
 
 
 @pytest.mark.parametrize("family", ["pointmaze", "antmaze"])

@@ -136,8 +136,8 @@ def eval_curve(run_dir: Path, tag: str = "eval/closest_goal_distance") -> list:
 
 def test_online_sac_interrupted_and_resumed_equals_uninterrupted(sandbox, datasets, vae_checkpoints):
     """The replay buffer, the open high-level transitions (the primitives running when the signal came) and the
-    training envs' episodes (replayed from their seeds) come back: the resumed run's networks, buffer and evaluation
-    curve are the uninterrupted run's. (Plain SAC takes the same path with c = 1.)"""
+    training envs' episodes (replayed from their seeds) come back: the resumed run's networks, buffer, evaluation
+    curve and log of training episodes are the uninterrupted run's. (Plain SAC takes the same path with c = 1.)"""
     mode = "opal"
     common = [*SAC, "--dataset-id", datasets["pointmaze"], "--vae-ckpt", vae_checkpoints["pointmaze"], "--seed", 4]
     straight = run_script(sandbox, "opal_online_sac.py", *common, "--runs-dir", sandbox["base"] / f"sac-a-{mode}")
@@ -161,6 +161,10 @@ def test_online_sac_interrupted_and_resumed_equals_uninterrupted(sandbox, datase
     curve = eval_curve(interrupted.parent)
     assert [step for step, _ in curve] == [300, 600, 900, 1200] and curve == eval_curve(
         checkpoint_path(straight.stdout, "opal_online_sac.pt").parent)
+    episodes = eval_curve(interrupted.parent, "charts/episodic_return")  # the training episodes' log, once each
+    assert len(episodes) == second["summary"]["train_episodes"] == first["summary"]["train_episodes"] > 0
+    straight_dir = checkpoint_path(straight.stdout, "opal_online_sac.pt").parent
+    assert episodes == eval_curve(straight_dir, "charts/episodic_return")
 
 
 def test_mt_transfer_interrupted_and_resumed_equals_uninterrupted(sandbox):
