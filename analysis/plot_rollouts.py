@@ -133,7 +133,8 @@ if __name__ == "__main__":
         label = method_label(payload, args.prior)
         closest = [np.linalg.norm(xy - goal, axis=1).min() for xy in paths]
         farthest = [np.linalg.norm(xy - xy[0], axis=1).max() for xy in paths]
-        pace = 1000 * sum(np.linalg.norm(np.diff(xy, axis=0), axis=1).sum() for xy in paths) / sum(map(len, paths))
+        steps = sum(len(xy) - 1 for xy in paths)
+        pace = 1000 * sum(np.linalg.norm(np.diff(xy, axis=0), axis=1).sum() for xy in paths) / steps
         print(f"{label}, seed {payload['seed']} ({path}): {sum(successes)}/{len(paths)} reach the goal; closest "
               f"approach {np.mean(closest):.1f} (from {np.linalg.norm(paths[0][0] - goal):.1f}), farthest from the "
               f"start {np.mean(farthest):.1f}, means over the episodes; path length {pace:.1f} per 1,000 steps")
