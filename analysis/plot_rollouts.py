@@ -55,7 +55,7 @@ class PriorChoice(torch.nn.Module):
 
 
 def checkpoint_policies(payload: dict, prior_choice: str = "mean"):
-    """(task policy, primitive policy or None) of a policy's checkpoint, or PriorChoice and the decoder of an opal_vae.pt."""
+    """(task policy, primitive policy or None) of a policy's checkpoint; PriorChoice and the decoder of a VAE's."""
     if payload.get("script") != "opal_vae":
         return policies_from_checkpoint(payload, oc.TanhGaussianPolicy, oc.PrimitivePolicy)
     prior = oc.Prior(payload["obs_dim"], payload["latent_dim"], payload["hidden_dim"])
