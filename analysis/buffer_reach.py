@@ -18,9 +18,8 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from opal_cql import SUCCESS_RADIUS  # noqa: E402  (gymnasium-robotics' mazes: 0.45)
 from opal_utils import evaluation_env, load_minari_dataset  # noqa: E402
-
-SUCCESS_RADIUS = 0.45  # gymnasium-robotics' PointMaze and AntMaze: success within 0.45 of the goal
 
 
 @dataclass
